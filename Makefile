@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    create the environment if missing, run the example job on this machine
+#   make test   create the environment if missing, run the whole test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JOB ?= apps/preflight/preflight.yaml
+PYTEST_ARGS ?=
+
+# Rebuilt when pyproject.toml changes.
+ENV_STAMP := $(VENV)/.kubeforge-installed
+
+.PHONY: env run test test-fast lint crd clean
+
+env: $(ENV_STAMP)
+
+$(ENV_STAMP): pyproject.toml
+	@echo "== creating $(VENV) (torch, vLLM, torchtitan: a few minutes the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[runtime,operator,dev]'
+	# vLLM without its own pins (see the runtime extra in pyproject.toml).
+	$(PY) -m pip install --quiet --no-deps "$$($(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["tool"]["kubeforge"]["vllm"])')"
+	$(PY) -c 'import torch, vllm, torchtitan; print("torch", torch.__version__, "| vllm", vllm.__version__, "| torchtitan ok")'
+	@touch $@
+
+run: env
+	$(VENV)/bin/kubeforge run $(JOB)
+
+# pytest exits 5 when it collects nothing: say so instead of failing.
+test: env
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-fast: env
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+crd: env
+	$(VENV)/bin/kubeforge crd > crds/rljob.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

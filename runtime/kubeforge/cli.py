@@ -1,0 +1,122 @@
+"""The `kubeforge` command: validate a job file, print the CRD, run a job on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kubeforge import __version__
+
+DESCRIPTION = """\
+kubeforge runs reinforcement-learning jobs for language models: a trainer (torchtitan),
+generators (vLLM), reward services and a controller that runs the RL loop.
+
+An RLJob file describes a job. The same file runs on this machine with `kubeforge run`
+(every role as a local process) and on Kubernetes with `kubectl apply -f` (the operator
+turns it into pods).
+"""
+
+EPILOG = """\
+examples:
+  kubeforge validate apps/grpo/tiny.yaml     check a job file, print what it would run
+  kubeforge run apps/grpo/tiny.yaml          run it here; Ctrl-C stops every role
+  kubeforge crd > crds/rljob.yaml            regenerate the CustomResourceDefinition
+"""
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kubeforge import contract
+    from kubeforge.validation import SpecError, load_file
+
+    try:
+        job = load_file(args.file)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    for inst in contract.instances(job.spec):
+        counts[inst.role] = counts.get(inst.role, 0) + 1
+    gpus = sum(contract.gpus_for(job.spec, i.role) for i in contract.instances(job.spec))
+    roles = ", ".join(f"{role} x{n}" for role, n in counts.items())
+    print(f"{args.file}: valid RLJob {job.name!r}: {roles}; {gpus} GPUs; {job.spec.steps} steps, {job.spec.mode} mode")
+    return 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kubeforge.crd import render_crd
+
+    sys.stdout.write(render_crd())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubeforge import launcher
+    from kubeforge.validation import SpecError, load_file
+
+    try:
+        job = load_file(args.file)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / job.name
+    options = launcher.Options(
+        run_dir=run_dir,
+        ready_timeout=args.ready_timeout,
+        port_base=args.port_base,
+        color=sys.stdout.isatty() and not args.no_color,
+    )
+    return launcher.run(job, options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubeforge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kubeforge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    validate = commands.add_parser("validate", help="check an RLJob file; exit 0 if valid, 1 with the reasons if not")
+    validate.add_argument("file", help="RLJob YAML file")
+    validate.set_defaults(handler=_validate)
+
+    crd = commands.add_parser("crd", help="print the RLJob CustomResourceDefinition (generated from the schema)")
+    crd.set_defaults(handler=_crd)
+
+    run = commands.add_parser(
+        "run",
+        help="run an RLJob on this machine, every role as a local process",
+        description="Start every role of the job as a local process, wait until all are ready, show the "
+        "controller's progress, and stop them all when the job ends, when a role fails, or on Ctrl-C. "
+        "Exit code: 0 succeeded, 1 failed, 130 interrupted.",
+    )
+    run.add_argument("file", help="RLJob YAML file")
+    run.add_argument("--run-dir", help="where logs, status.json and outputs go (default: runs/<job name>)")
+    run.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long each role may take to become ready (default: 600)",
+    )
+    run.add_argument(
+        "--port-base",
+        type=int,
+        metavar="PORT",
+        help="use consecutive ports from PORT instead of free ones chosen by the system",
+    )
+    run.add_argument("--no-color", action="store_true", help="plain log prefixes")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The local launcher (`kubeforge run`): every role of an RLJob as a local process.
+
+It gives each process exactly the environment the operator gives a pod (kubeforge.contract),
+with peers on 127.0.0.1 ports, streams each role's log with a prefix, waits for every /readyz,
+shows the controller's progress, and stops every process it started when the job ends, when a
+role fails, or on Ctrl-C. The exit code says how the job ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TextIO
+
+import httpx
+
+from kubeforge import contract
+from kubeforge.contract import Endpoints, Instance
+from kubeforge.spec import Progress, RLJob, RLJobStatus, RoleCount
+
+LOCALHOST = "127.0.0.1"
+LOG_TAIL_LINES = 30
+STOP_GRACE_SECONDS = 10.0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class LaunchError(RuntimeError):
+    """The job could not start or did not finish; the message says which role and why."""
+
+
+@dataclass
+class Options:
+    run_dir: Path
+    ready_timeout: float = 600.0
+    port_base: int | None = None
+    color: bool = False
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+@dataclass
+class Role:
+    """One started process and what the launcher keeps of it."""
+
+    instance: Instance
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
+    ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.instance.name
+
+    @property
+    def termination_log(self) -> Path:
+        return self.log_path.parent / f"{self.name}.termination.json"
+
+    def last_lines(self) -> str:
+        lines = list(self.tail) or ["(no output)"]
+        return "\n".join(f"    {line}" for line in lines)
+
+
+_COLORS = ("36", "32", "35", "33", "34", "31")
+
+
+def local_gpus() -> int:
+    """GPUs this machine offers, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _die_with_launcher() -> None:
+    """In the child before exec: get SIGTERM if the launcher dies, so no role outlives it."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: stop() still ends every role on a normal exit
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def allocate_ports(names: list[str], port_base: int | None) -> dict[str, int]:
+    """A port per name: consecutive from `port_base` (each checked), or free ones from the OS."""
+    if port_base is None:
+        ports: dict[str, int] = {}
+        while len(ports) < len(names):
+            port = _free_port()
+            if port not in ports.values():
+                ports[names[len(ports)]] = port
+        return ports
+    ports = {name: port_base + i for i, name in enumerate(names)}
+    busy = [f"{port} ({name})" for name, port in ports.items() if not _port_is_free(port)]
+    if busy:
+        raise LaunchError(
+            f"port{'s' * (len(busy) > 1)} {', '.join(busy)} already in use on {LOCALHOST}; "
+            f"choose another --port-base or leave it out to use free ports"
+        )
+    return ports
+
+
+def plan_gpus(job: RLJob, available: int | None = None) -> dict[Instance, str]:
+    """CUDA_VISIBLE_DEVICES for each instance: GPUs handed out in start-up order, none for CPU roles."""
+    wanted = {inst: contract.gpus_for(job.spec, inst.role) for inst in contract.instances(job.spec)}
+    total = sum(wanted.values())
+    if total and available is None:
+        available = local_gpus()
+    if total > (available or 0):
+        detail = ", ".join(f"{inst.name}: {n}" for inst, n in wanted.items() if n)
+        raise LaunchError(f"the job needs {total} GPUs ({detail}) and this machine has {available}")
+    plan, next_gpu = {}, 0
+    for inst, n in wanted.items():
+        plan[inst] = ",".join(str(g) for g in range(next_gpu, next_gpu + n))
+        next_gpu += n
+    return plan
+
+
+class Launcher:
+    def __init__(self, job: RLJob, options: Options):
+        self.job = job
+        self.options = options
+        self.roles: list[Role] = []
+        self.status = RLJobStatus(phase="Pending")
+        self._urls: dict[Instance, str] = {}
+        self._print_lock = threading.Lock()
+        self._echo_roles = True
+        self._threads: list[threading.Thread] = []
+
+    # -- output ------------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        self._emit("kubeforge", message, "1")
+
+    def _emit(self, who: str, line: str, color: str) -> None:
+        prefix = f"[{who}]"
+        if self.options.color:
+            prefix = f"\033[{color}m{prefix}\033[0m"
+        with self._print_lock:
+            print(f"{prefix} {line}", file=self.options.out, flush=True)
+
+    def _pump(self, role: Role, stream: IO[bytes], color: str) -> None:
+        with open(role.log_path, "ab") as log_file:
+            for raw in iter(stream.readline, b""):
+                log_file.write(raw)
+                log_file.flush()
+                line = raw.decode(errors="replace").rstrip("\n")
+                role.tail.append(line)
+                if self._echo_roles:
+                    self._emit(role.name, line, color)
+
+    # -- start -------------------------------------------------------------------------------
+
+    def prepare(self) -> dict[Instance, dict[str, str]]:
+        """Check what can be checked before starting anything; return each instance's environment."""
+        spec = self.job.spec
+        if importlib.util.find_spec("torch") is None:
+            raise LaunchError("the trainer role needs torch: install kubeforge with the runtime extra (make env)")
+        gpu_plan = plan_gpus(self.job)
+        all_instances = contract.instances(spec)
+        ports = allocate_ports(
+            [i.name for i in all_instances] + ["trainer-master", "weight-sync"], self.options.port_base
+        )
+        endpoints = Endpoints(
+            http={i: f"http://{LOCALHOST}:{ports[i.name]}" for i in all_instances},
+            trainer_master=(LOCALHOST, ports["trainer-master"]),
+            weight_sync=(LOCALHOST, ports["weight-sync"]),
+        )
+        run_dir = self.options.run_dir.resolve()
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(spec.model_dump_json(by_alias=True, indent=2))
+        token = secrets.token_hex(16)
+        envs = {}
+        for inst in all_instances:
+            env = contract.role_env(
+                job=self.job.name,
+                namespace=self.job.metadata.namespace or "local",
+                spec=spec,
+                spec_path=str(spec_path),
+                instance=inst,
+                endpoints=endpoints,
+                http_host=LOCALHOST,
+                http_port=ports[inst.name],
+                run_dir=str(run_dir),
+                token=token,
+                termination_log=str(run_dir / "logs" / f"{inst.name}.termination.json"),
+            )
+            env["CUDA_VISIBLE_DEVICES"] = gpu_plan[inst]
+            env["PYTHONUNBUFFERED"] = "1"
+            envs[inst] = env
+        self._urls = endpoints.http
+        return envs
+
+    def start(self, envs: dict[Instance, dict[str, str]]) -> None:
+        run_dir = self.options.run_dir.resolve()
+        # Apps live next to the spec's project; keep the user's working directory importable.
+        pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        for n, (inst, env) in enumerate(envs.items()):
+            log_path = run_dir / "logs" / f"{inst.name}.log"
+            log_path.write_bytes(b"")
+            process = subprocess.Popen(
+                contract.role_command(inst.role, python=sys.executable),
+                env={**os.environ, **env, "PYTHONPATH": pythonpath},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() reaches torchrun's workers too
+                preexec_fn=_die_with_launcher,
+            )
+            role = Role(inst, self._urls[inst], process, log_path)
+            self.roles.append(role)
+            thread = threading.Thread(
+                target=self._pump, args=(role, process.stdout, _COLORS[n % len(_COLORS)]), daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        self.say(
+            f"started {len(self.roles)} processes for job {self.job.name}: "
+            + ", ".join(r.name for r in self.roles)
+            + f" (logs in {run_dir / 'logs'})"
+        )
+        self._set_phase("Starting")
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def _failed_role(self) -> Role | None:
+        """A role that exited, unless it is the controller finishing successfully."""
+        for role in self.roles:
+            code = role.process.poll()
+            if code is None:
+                continue
+            if role.instance.role == "controller" and code == 0:
+                continue
+            return role
+        return None
+
+    def _raise_exited(self, role: Role) -> None:
+        code = role.process.returncode
+        how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if code == 0:
+            how = "exited before the job finished"
+        error = self._last_words(role).get("error")
+        if error:
+            how += f" ({error})"
+        raise LaunchError(f"{role.name} {how}; its last log lines:\n{role.last_lines()}")
+
+    def wait_ready(self, client: httpx.Client) -> None:
+        started = time.monotonic()
+        deadline = started + self.options.ready_timeout
+        answers: dict[str, str] = {}
+        while not all(r.ready for r in self.roles):
+            failed = self._failed_role()
+            if failed:
+                self._raise_exited(failed)
+            for role in self.roles:
+                if role.ready:
+                    continue
+                if role.instance.role == "controller" and role.process.poll() == 0:
+                    role.ready = True
+                    continue
+                try:
+                    reply = client.get(f"{role.url}/readyz")
+                    answers[role.name] = f"HTTP {reply.status_code} {reply.text.strip()[:200]}"
+                    if reply.status_code == 200:
+                        role.ready = True
+                        self.say(f"{role.name} ready ({time.monotonic() - started:.1f} s)")
+                except httpx.TransportError as e:
+                    answers[role.name] = f"no answer ({type(e).__name__})"
+            self._count_ready()
+            if time.monotonic() > deadline:
+                slow = [r for r in self.roles if not r.ready]
+                details = "\n".join(
+                    f"  {r.name} at {r.url}: last answer {answers.get(r.name, 'none')}; "
+                    f"its last log lines:\n{r.last_lines()}"
+                    for r in slow
+                )
+                raise LaunchError(
+                    f"{len(slow)} role{'s' * (len(slow) > 1)} not ready after {self.options.ready_timeout:.0f} s "
+                    f"(--ready-timeout):\n{details}"
+                )
+            time.sleep(0.25)
+        self.say(f"all {len(self.roles)} roles ready in {time.monotonic() - started:.1f} s")
+        self._set_phase("Running")
+
+    def watch(self, client: httpx.Client) -> None:
+        """Until the controller exits: show its progress, fail fast if any other role dies."""
+        controller = next(r for r in self.roles if r.instance.role == "controller")
+        started = time.monotonic()
+        shown_step = -1
+        while True:
+            failed = self._failed_role()
+            if failed:
+                self._raise_exited(failed)
+            if controller.process.poll() == 0:
+                final = self._last_words(controller).get("progress")
+                if final is not None:
+                    self.status.progress = Progress.model_validate(final)
+                if self.status.progress.step != shown_step:
+                    self.say(self._progress_line(self.job.spec.steps, time.monotonic() - started))
+                self.say(f"controller finished after {time.monotonic() - started:.1f} s")
+                return
+            try:
+                reply = client.get(f"{controller.url}/status")
+                if reply.status_code == 200:
+                    body = reply.json()
+                    self.status.progress = Progress.model_validate(body["progress"])
+                    if self.status.progress.step != shown_step:
+                        shown_step = self.status.progress.step
+                        self.say(self._progress_line(body["steps"], time.monotonic() - started))
+                        self._write_status()
+            except (httpx.TransportError, ValueError, KeyError):
+                pass  # the controller may be busy or just exiting; the next poll tells
+            time.sleep(0.5)
+
+    def _last_words(self, role: Role) -> dict:
+        """What the role wrote to its termination log when it exited (empty if nothing)."""
+        try:
+            return json.loads(role.termination_log.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _progress_line(self, steps: int, elapsed: float) -> str:
+        p = self.status.progress
+        parts = [f"step {p.step}/{steps} ({100 * p.step / max(steps, 1):.0f}%)", f"policy v{p.policy_version}"]
+        if p.reward_mean is not None:
+            parts.append(f"reward {p.reward_mean:.3f}")
+        if p.weight_sync_seconds is not None:
+            parts.append(f"weight sync {p.weight_sync_seconds:.2f} s")
+        parts.append(f"{elapsed:.0f} s elapsed")
+        if 0 < p.step < steps:
+            parts.append(f"eta {elapsed / p.step * (steps - p.step):.0f} s")
+        return " · ".join(parts)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGTERM every process group started, the controller first; SIGKILL what outlives the grace."""
+        alive = [r for r in reversed(self.roles) if r.process.poll() is None]
+        if alive:
+            # Shutdown chatter (torchrun prints a traceback on SIGTERM) goes to the log files only.
+            self._echo_roles = False
+            self.say(f"stopping {len(alive)} role{'s' * (len(alive) > 1)}")
+        for role in alive:
+            _signal_group(role.process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for role in alive:
+            try:
+                role.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{role.name} did not stop within {STOP_GRACE_SECONDS:.0f} s; killing it")
+        for role in self.roles:
+            # Also reaps children a role left behind in its group (torchrun's workers).
+            _signal_group(role.process, signal.SIGKILL)
+            role.process.wait()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._count_ready()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def _count_ready(self) -> None:
+        counts: dict[str, RoleCount] = {}
+        for role in self.roles:
+            count = counts.setdefault(role.instance.role, RoleCount())
+            count.total += 1
+            count.ready += int(role.ready and role.process.poll() is None)
+        self.status.roles = counts
+
+    def _set_phase(self, phase: str, message: str = "") -> None:
+        now = datetime.now(UTC).isoformat()
+        self.status.phase = phase  # type: ignore[assignment]
+        self.status.message = message
+        if phase == "Starting":
+            self.status.start_time = now
+        if phase in ("Succeeded", "Failed"):
+            self.status.completion_time = now
+        self._write_status()
+
+    def _write_status(self) -> None:
+        path = self.options.run_dir / "status.json"
+        if not path.parent.is_dir():
+            return  # failed before anything started: leave no trace
+        path.write_text(self.status.model_dump_json(by_alias=True, indent=2, exclude_none=True))
+
+    def run(self) -> int:
+        """Start, wait, watch, stop. Returns the process exit code."""
+        try:
+            self.start(self.prepare())
+            with httpx.Client(timeout=5.0) as client:
+                self.wait_ready(client)
+                self.watch(client)
+            self.stop()
+            self._set_phase("Succeeded")
+            self.say(f"job {self.job.name} succeeded; run directory {self.options.run_dir}")
+            return 0
+        except LaunchError as e:
+            self.stop()
+            self._set_phase("Failed", str(e).splitlines()[0])
+            self.say(f"job {self.job.name} failed: {e}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            self.say("interrupted; stopping every role")
+            self.stop()
+            self._set_phase("Failed", "interrupted")
+            return EXIT_INTERRUPTED
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(job: RLJob, options: Options) -> int:
+    """Run `job` locally; SIGTERM to the launcher stops it like Ctrl-C does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return Launcher(job, options).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,1 @@
+"""Reward role: reward functions served over HTTP, batched."""
