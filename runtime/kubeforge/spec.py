@@ -45,7 +45,8 @@ def _number_to_str(value: Any) -> Any:
 Quantity = Annotated[
     str,
     BeforeValidator(_number_to_str),
-    Field(pattern=QUANTITY, json_schema_extra={"x-kubernetes-int-or-string": True}),
+    # The pattern is repeated for the JSON schema: pydantic drops it behind a BeforeValidator.
+    Field(pattern=QUANTITY, json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
 ]
 
 
@@ -418,6 +419,9 @@ class RLJobStatus(Model):
     roles: dict[str, RoleCount] = Field(default_factory=dict)
     restarts: int = 0
     restarts_by_role: dict[str, int] = Field(default_factory=dict)
+    restarts_by_instance: dict[str, int] = Field(
+        default_factory=dict, description="Restarts of each pod, e.g. generator-1: 2."
+    )
     progress: Progress = Field(default_factory=Progress)
     start_time: str | None = None
     completion_time: str | None = None

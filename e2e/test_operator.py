@@ -1,0 +1,301 @@
+"""The operator on a real control plane: RLJob in, pods out, status back, failures handled."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import pytest
+from conftest import GROUP, PLURAL, VERSION, Operator, wait_for
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+pytestmark = pytest.mark.cluster
+
+JOB: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "RLJob",
+    "metadata": {"name": "grpo"},
+    "spec": {
+        "model": {"path": "/models/qwen3-1.7b"},
+        "steps": 10,
+        "roles": {
+            "trainer": {"nodes": 2, "gpusPerNode": 4, "cpu": 8, "memory": "64Gi"},
+            "generator": {"replicas": 2, "gpus": 1},
+            "reward": {"replicas": 1},
+        },
+        "failurePolicy": {"maxRestarts": 2},
+    },
+}
+PODS = ["trainer-0", "trainer-1", "generator-0", "generator-1", "reward-0", "controller-0"]
+
+
+def job_body(name: str = "grpo", **spec: Any) -> dict[str, Any]:
+    body = copy.deepcopy(JOB)
+    body["metadata"]["name"] = name
+    body["spec"].update(spec)
+    return body
+
+
+def create(namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    return client.CustomObjectsApi().create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def get(namespace: str, name: str) -> dict[str, Any]:
+    return client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_spec(namespace: str, name: str, spec: dict[str, Any]) -> None:
+    client.CustomObjectsApi().patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+
+def status(namespace: str, name: str) -> dict[str, Any]:
+    return get(namespace, name).get("status") or {}
+
+
+def pods(namespace: str, job: str = "grpo") -> dict[str, client.V1Pod]:
+    listed = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"kubeforge.dev/job={job}").items
+    return {p.metadata.name.removeprefix(f"{job}-"): p for p in listed if p.metadata.deletion_timestamp is None}
+
+
+def active_pods(namespace: str, job: str = "grpo") -> set[str]:
+    """Pods that hold resources: neither finished nor being deleted."""
+    return {n for n, p in pods(namespace, job).items() if p.status.phase not in ("Succeeded", "Failed")}
+
+
+def uid(namespace: str, pod: str) -> str | None:
+    found = pods(namespace).get(pod)
+    return found.metadata.uid if found else None
+
+
+def running(namespace: str, job: str = "grpo") -> bool:
+    return status(namespace, job).get("phase") == "Running"
+
+
+def fail_pod(namespace: str, pod: str, exit_code: int = 1, reason: str = "Error") -> None:
+    """Make KWOK end this pod as Failed, as if its container exited with `exit_code`."""
+    client.CoreV1Api().patch_namespaced_pod(
+        pod,
+        namespace,
+        {
+            "metadata": {
+                "labels": {"kwok.kubeforge.dev/fail": "true"},
+                "annotations": {"kwok.kubeforge.dev/exit-code": str(exit_code), "kwok.kubeforge.dev/reason": reason},
+            }
+        },
+    )
+
+
+def table_row(namespace: str, name: str) -> dict[str, Any]:
+    """What `kubectl get rlj` prints: the server-side table with the printer columns."""
+    api = client.ApiClient()
+    request = api.param_serialize(
+        "GET",
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"],
+    )
+    response = json.loads(api.call_api(*request).read())
+    columns = [c["name"] for c in response["columnDefinitions"]]
+    return dict(zip(columns, response["rows"][0]["cells"], strict=True))
+
+
+def test_a_job_becomes_running_with_every_pod_and_readable_status(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    found = pods(namespace)
+    assert sorted(found) == sorted(PODS)
+    st = status(namespace, "grpo")
+    assert st["roles"] == {
+        "trainer": {"ready": 2, "total": 2},
+        "generator": {"ready": 2, "total": 2},
+        "reward": {"ready": 1, "total": 1},
+        "controller": {"ready": 1, "total": 1},
+    }
+    assert st["restarts"] == 0 and st["startTime"]
+    assert {c["type"]: c["status"] for c in st["conditions"]}.items() >= {
+        "SpecValid": "True",
+        "Scheduled": "True",
+    }.items()
+    assert table_row(namespace, "grpo")["Phase"] == "Running"
+
+    trainer1 = found["trainer-1"]
+    env = {e.name: e.value for e in trainer1.spec.containers[0].env}
+    assert env["KUBEFORGE_ROLE"] == "trainer" and env["KUBEFORGE_REPLICA"] == "1"
+    assert env["PET_NODE_RANK"] == "1" and env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4"
+    assert env["PET_MASTER_ADDR"] == f"grpo-trainer-0.grpo-trainer.{namespace}.svc"
+    assert env["KUBEFORGE_GENERATOR_URLS"].count(f".grpo-generator.{namespace}.svc:8000") == 2
+    token_var = next(e for e in trainer1.spec.containers[0].env if e.name == "KUBEFORGE_TOKEN")
+    assert token_var.value_from.secret_key_ref.name == "grpo-token"
+    assert trainer1.spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
+    assert trainer1.spec.node_name, "the scheduler placed the pod"
+    assert trainer1.metadata.owner_references[0].kind == "RLJob"
+
+    core = client.CoreV1Api()
+    service = core.read_namespaced_service("grpo-generator", namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    assert "spec.json" in core.read_namespaced_config_map("grpo-spec", namespace).data
+    assert client.NetworkingV1Api().read_namespaced_network_policy("grpo-same-job", namespace)
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=grpo").items
+    assert {"Starting", "Running"} <= {e.reason for e in events}
+
+
+def test_a_lost_generator_pod_is_replaced_alone_and_counted(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    before = {name: p.metadata.uid for name, p in pods(namespace).items()}
+    fail_pod(namespace, "grpo-generator-1")
+    wait_for(
+        "generator-1 replaced",
+        lambda: uid(namespace, "generator-1") not in (None, before["generator-1"]),
+        operator=operator,
+    )
+    wait_for("phase Running again", lambda: running(namespace), operator=operator)
+    after = {name: p.metadata.uid for name, p in pods(namespace).items()}
+    assert {n for n in PODS if after[n] != before[n]} == {"generator-1"}
+    st = status(namespace, "grpo")
+    assert st["restarts"] == 1 and st["restartsByRole"] == {"generator": 1}
+    assert pods(namespace)["generator-1"].metadata.labels["kubeforge.dev/restart-generation"] == "1"
+    assert table_row(namespace, "grpo")["Restarts"] == 1
+
+
+def test_a_failed_trainer_restarts_the_group_then_fails_when_the_budget_is_spent(
+    namespace: str, operator: Operator
+) -> None:
+    create(namespace, job_body(failurePolicy={"maxRestarts": 1}))
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    before = {name: p.metadata.uid for name, p in pods(namespace).items()}
+    fail_pod(namespace, "grpo-trainer-0", exit_code=137, reason="OOMKilled")
+    wait_for("trainer group restarted", lambda: status(namespace, "grpo").get("restarts") == 1, operator=operator)
+    wait_for("phase Running again", lambda: running(namespace), timeout=90, operator=operator)
+    after = {name: p.metadata.uid for name, p in pods(namespace).items()}
+    assert {n for n in PODS if after[n] != before[n]} == {"trainer-0", "trainer-1", "controller-0"}
+
+    fail_pod(namespace, "grpo-generator-0")
+    st = wait_for(
+        "phase Failed", lambda: (s := status(namespace, "grpo")).get("phase") == "Failed" and s, operator=operator
+    )
+    assert "restart budget exhausted (1 of 1 used)" in st["message"] and "grpo-generator-0 failed" in st["message"]
+    wait_for("every pod stopped", lambda: not active_pods(namespace), operator=operator)
+    left = set(pods(namespace))  # failed pods stay for their logs
+    time.sleep(3)  # a terminal job never gets children back
+    assert set(pods(namespace)) == left and not active_pods(namespace)
+    assert status(namespace, "grpo")["phase"] == "Failed"
+
+
+def test_suspend_deletes_pods_and_resume_recreates_them(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    patch_spec(namespace, "grpo", {"suspend": True})
+    wait_for("phase Suspended", lambda: status(namespace, "grpo").get("phase") == "Suspended", operator=operator)
+    wait_for("no pods", lambda: not pods(namespace), operator=operator)
+    patch_spec(namespace, "grpo", {"suspend": False})
+    wait_for("phase Running after resume", lambda: running(namespace), timeout=90, operator=operator)
+    assert sorted(pods(namespace)) == sorted(PODS)
+
+
+def test_controller_success_ends_the_job_and_stops_the_rest(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    client.CoreV1Api().patch_namespaced_pod(
+        "grpo-controller-0", namespace, {"metadata": {"labels": {"kwok.kubeforge.dev/succeed": "true"}}}
+    )
+    st = wait_for(
+        "phase Succeeded", lambda: (s := status(namespace, "grpo")).get("phase") == "Succeeded" and s, operator=operator
+    )
+    assert st["completionTime"]
+    wait_for("other pods stopped", lambda: not active_pods(namespace), operator=operator)
+
+
+def test_deleting_a_job_garbage_collects_every_child(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    client.CustomObjectsApi().delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo")
+    core = client.CoreV1Api()
+    wait_for("pods collected", lambda: not pods(namespace), timeout=90, operator=operator)
+    wait_for(
+        "services collected",
+        lambda: not core.list_namespaced_service(namespace, label_selector="kubeforge.dev/job=grpo").items,
+        timeout=90,
+    )
+    wait_for(
+        "config map collected",
+        lambda: not core.list_namespaced_config_map(namespace, label_selector="kubeforge.dev/job=grpo").items,
+        timeout=90,
+    )
+
+
+def test_a_job_that_does_not_fit_waits_without_creating_pods(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body(roles={"trainer": {"nodes": 3, "gpusPerNode": 8}}))
+    st = wait_for(
+        "phase Pending", lambda: (s := status(namespace, "grpo")).get("phase") == "Pending" and s, operator=operator
+    )
+    scheduled = next(c for c in st["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["status"] == "False" and scheduled["reason"] == "InsufficientGPUs"
+    assert "needs 24 GPUs" in scheduled["message"]
+    time.sleep(2)
+    assert not pods(namespace)
+
+
+def test_killing_the_operator_mid_reconcile_creates_no_duplicates(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("first pods", lambda: pods(namespace), operator=operator)
+    operator.kill()
+    operator.start()
+    wait_for("phase Running", lambda: running(namespace), timeout=90, operator=operator)
+    listed = client.CoreV1Api().list_namespaced_pod(namespace, label_selector="kubeforge.dev/job=grpo").items
+    assert sorted(p.metadata.name for p in listed) == sorted(f"grpo-{n}" for n in PODS)
+
+
+# (spec changes, the field the refusal must name). The API server refuses the first group at
+# create time from the CRD schema; the rest pass the schema and the operator refuses them.
+REFUSED_BY_API_SERVER = [
+    ({"steps": "many"}, "spec.steps"),
+    ({"steps": 0}, "spec.steps"),
+    ({"mode": "eager"}, "spec.mode"),
+    ({"roles": {"generator": {"replicas": 0}}}, "spec.roles.generator.replicas"),
+    ({"roles": {"trainer": {"cpu": "lots"}}}, "spec.roles.trainer.cpu"),
+    ({"roles": {"genrator": {"replicas": 2}}}, "spec.roles.genrator"),
+    ({"scheduling": {"gang": "yes"}}, "spec.scheduling.gang"),
+    ({"failurePolicy": {"rules": [{"role": "generator", "action": "Retry"}]}}, "spec.failurePolicy.rules[0].action"),
+]
+REFUSED_BY_OPERATOR = [
+    ({"maxStaleness": 2}, "spec: got"),
+    ({"model": {"path": "hf://Qwen/Qwen3-1.7B"}}, "spec.model.path"),
+    ({"roles": {"generator": {"gpus": 2, "tensorParallel": 4}}}, "spec.roles.generator"),
+    ({"roles": {"trainer": {"nodes": 3, "tensorParallel": 2}}}, "spec.roles.trainer"),
+    ({"scheduling": {"gang": "kueue"}}, "spec.scheduling"),
+    ({"scheduling": {"tolerations": [{"operator": "Exists", "value": "x"}]}}, "spec.scheduling.tolerations[0]"),
+    ({"failurePolicy": {"rules": [{"role": "trainer", "action": "RestartPod"}]}}, "spec.failurePolicy.rules[0]"),
+    ({"env": {"KUBEFORGE_ROLE": "x"}}, "spec.env"),
+]
+
+
+def test_invalid_specs_are_refused_with_the_field_and_create_nothing(namespace: str, operator: Operator) -> None:
+    custom = client.CustomObjectsApi()
+    for n, (change, field) in enumerate(REFUSED_BY_API_SERVER):
+        body = job_body(f"bad-api-{n}", **change)
+        with pytest.raises(ApiException) as refused:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, field_validation="Strict")
+        assert refused.value.status in (400, 422), change
+        assert field in refused.value.body, (change, refused.value.body)
+    for n, (change, _) in enumerate(REFUSED_BY_OPERATOR):
+        create(namespace, job_body(f"bad-op-{n}", **change))
+    for n, (change, field) in enumerate(REFUSED_BY_OPERATOR):
+        name = f"bad-op-{n}"
+        st = wait_for(
+            f"{name} refused",
+            lambda name=name: (s := status(namespace, name)).get("phase") == "Failed" and s,
+            operator=operator,
+        )
+        valid = next(c for c in st["conditions"] if c["type"] == "SpecValid")
+        assert valid["status"] == "False" and valid["reason"] == "InvalidSpec" and field in valid["message"], (
+            change,
+            valid,
+        )
+        assert field in st["message"]
+    assert not client.CoreV1Api().list_namespaced_pod(namespace).items
+    events = client.CoreV1Api().list_namespaced_event(namespace, field_selector="reason=Failed,type=Warning").items
+    assert {e.involved_object.name for e in events} == {f"bad-op-{n}" for n in range(len(REFUSED_BY_OPERATOR))}

@@ -1,0 +1,389 @@
+"""Level-triggered reconciliation of one RLJob: read what exists, compute what should, converge.
+
+`Reconciler.reconcile` is idempotent: run it twice on an unchanged world and the second run
+changes nothing. It never creates children for a job in a terminal phase. Restarts follow
+spec.failurePolicy; each handled pod failure is counted once, in status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubeforge import contract
+from kubeforge.contract import Instance
+from kubeforge.spec import API_GROUP, API_VERSION, PLURAL, RLJobSpec
+from kubeforge.validation import SpecError, parse_spec
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubeforge_operator import capacity, metrics
+from kubeforge_operator import resources as r
+
+log = logging.getLogger("kubeforge_operator")
+
+TERMINAL = ("Succeeded", "Failed")
+
+# Post a Kubernetes Event: (type, reason, message).
+EventSink = Callable[[str, str, str], None]
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass
+class PodView:
+    """What the reconciler needs to know about one existing pod."""
+
+    name: str
+    instance: Instance
+    phase: str
+    ready: bool
+    terminating: bool
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str = ""
+
+    @classmethod
+    def of(cls, pod: Any) -> PodView | None:
+        labels = pod.metadata.labels or {}
+        if r.LABEL_ROLE not in labels or r.LABEL_REPLICA not in labels:
+            return None
+        status = pod.status
+        conditions = {c.type: c.status for c in (status.conditions or [])} if status else {}
+        view = cls(
+            name=pod.metadata.name,
+            instance=Instance(labels[r.LABEL_ROLE], int(labels[r.LABEL_REPLICA])),
+            phase=(status.phase if status else None) or "Pending",
+            ready=conditions.get("Ready") == "True",
+            terminating=pod.metadata.deletion_timestamp is not None,
+        )
+        for cs in (status.container_statuses or []) if status else []:
+            terminated = cs.state.terminated if cs.state else None
+            if terminated is not None:
+                view.exit_code, view.reason, view.message = (
+                    terminated.exit_code,
+                    terminated.reason,
+                    terminated.message or "",
+                )
+        return view
+
+    @property
+    def failed(self) -> bool:
+        # A role other than the controller never finishes on its own: exiting at all is a failure.
+        return self.phase == "Failed" or (self.phase == "Succeeded" and self.instance.role != "controller")
+
+    def describe_failure(self) -> str:
+        detail = ", ".join(
+            part
+            for part in (
+                f"exit code {self.exit_code}" if self.exit_code is not None else "",
+                self.reason or "",
+            )
+            if part
+        )
+        text = f"{self.name} failed" + (f" ({detail})" if detail else "")
+        last_words = _last_words(self.message)
+        if last_words.get("error"):
+            text += f": {last_words['error']}"
+        return text
+
+
+def _last_words(message: str) -> dict[str, Any]:
+    """A role's termination message is the JSON it wrote to KUBEFORGE_TERMINATION_LOG."""
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class Status:
+    """The status being computed in one pass; only what changed is patched."""
+
+    current: dict[str, Any]
+    patch: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.patch.get(key, self.current.get(key, default))
+
+    def set(self, key: str, value: Any) -> None:
+        if self.current.get(key) != value:
+            self.patch[key] = value
+
+    def condition(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        conditions = [dict(c) for c in self.get("conditions", [])]
+        status = "True" if ok else "False"
+        for c in conditions:
+            if c["type"] == type_:
+                if (c["status"], c.get("reason"), c.get("message")) != (status, reason, message):
+                    if c["status"] != status:
+                        c["lastTransitionTime"] = now()
+                    c.update(status=status, reason=reason, message=message)
+                break
+        else:
+            conditions.append(
+                {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": now()}
+            )
+        self.set("conditions", conditions)
+
+
+class Reconciler:
+    def __init__(self, core: client.CoreV1Api, net: client.NetworkingV1Api, custom: client.CustomObjectsApi):
+        self.core = core
+        self.net = net
+        self.custom = custom
+
+    # -- entry ---------------------------------------------------------------------------------
+
+    def reconcile(self, body: dict[str, Any], event: EventSink) -> None:
+        meta = body["metadata"]
+        job = r.JobRef(meta["name"], meta["namespace"], meta["uid"])
+        status = Status(dict(body.get("status") or {}))
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                self._reconcile(job, body, status, event)
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                raise
+            finally:
+                if status.patch:
+                    self._patch_status(job, status.patch)
+                    if "phase" in status.patch:
+                        metrics.observe_phase(job.namespace, job.name, status.patch["phase"])
+
+    def _reconcile(self, job: r.JobRef, body: dict[str, Any], status: Status, event: EventSink) -> None:
+        phase = status.get("phase")
+        pods = self._pods(job)
+
+        if phase in TERMINAL:
+            # Terminal jobs keep their status and never get children back; stop what still runs.
+            self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])
+            self._expire(job, body, status)
+            return
+
+        try:
+            spec = parse_spec(body.get("spec"), source=f"{job.namespace}/{job.name}")
+        except SpecError as e:
+            message = "; ".join(e.problems)
+            status.condition("SpecValid", False, "InvalidSpec", message)
+            self._transition(status, "Failed", f"invalid spec: {message}", event, warning=True)
+            return
+        status.condition("SpecValid", True, "Valid", "")
+
+        if spec.suspend:
+            self._delete_pods(job, [p for p in pods if not p.terminating])
+            self._count(spec, [], status)
+            self._transition(status, "Suspended", "spec.suspend is true; pods deleted", event)
+            return
+
+        deadline = spec.active_deadline_seconds
+        started = status.get("startTime")
+        if deadline and started and (datetime.now(UTC) - _parse_time(started)).total_seconds() > deadline:
+            self._delete_pods(job, [p for p in pods if not p.terminating])
+            self._finish(status, "Failed", f"activeDeadlineSeconds ({deadline} s) exceeded", event)
+            return
+
+        controller = next((p for p in pods if p.instance.role == "controller" and not p.terminating), None)
+        if controller and controller.phase == "Succeeded":
+            last_words = _last_words(controller.message)
+            if isinstance(last_words.get("progress"), dict):
+                status.set("progress", last_words["progress"])
+            self._delete_pods(job, [p for p in pods if p is not controller and not p.terminating])
+            self._finish(status, "Succeeded", "the controller finished the RL loop", event)
+            return
+
+        if self._handle_failures(job, spec, pods, status, event):
+            return
+
+        self._ensure_shared_objects(job, spec)
+        desired = contract.instances(spec)
+        live = {p.instance for p in pods if not p.terminating}
+        going = {p.instance for p in pods if p.terminating}  # recreated once the old pod is gone
+        missing = [i for i in desired if i not in live and i not in going]
+        if missing and not live and spec.scheduling.gang == "capacity":
+            shortfall = capacity.shortfall(self.core, spec)
+            if shortfall:
+                status.condition("Scheduled", False, "InsufficientGPUs", shortfall)
+                self._transition(status, "Pending", f"waiting for GPUs: {shortfall}", event)
+                return
+        status.condition("Scheduled", True, "Capacity", "")
+        incarnations = status.get("restartsByInstance", {})
+        for inst in missing:
+            self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0)))
+            metrics.PODS_CREATED.labels(role=inst.role).inc()
+
+        if not status.get("startTime"):
+            status.set("startTime", now())
+            status.set("restarts", 0)
+        ready = self._count(spec, pods, status)
+        if ready == len(desired):
+            self._transition(status, "Running", "every role is ready", event)
+        else:
+            waiting = "Restarting" if status.get("phase") == "Restarting" else "Starting"
+            self._transition(status, waiting, f"{ready} of {len(desired)} pods ready", event)
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def _handle_failures(
+        self, job: r.JobRef, spec: RLJobSpec, pods: list[PodView], status: Status, event: EventSink
+    ) -> bool:
+        """Apply spec.failurePolicy to failed pods. True when the job ended."""
+        failed = [p for p in pods if p.failed and not p.terminating]
+        if not failed:
+            return False
+        policy = spec.failure_policy
+        actions = [(p, policy.action_for(p.instance.role, p.exit_code, p.reason)) for p in failed]
+        fatal = next(((p, a) for p, a in actions if a == "FailJob"), None)
+        if fatal:
+            self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])
+            self._finish(status, "Failed", f"{fatal[0].describe_failure()}; failurePolicy: FailJob", event)
+            return True
+        used = status.get("restarts", 0)
+        if used >= policy.max_restarts:
+            self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])
+            self._finish(
+                status,
+                "Failed",
+                f"restart budget exhausted ({used} of {policy.max_restarts} used); {failed[0].describe_failure()}",
+                event,
+            )
+            return True
+        group_restart = any(a == "RestartFromCheckpoint" for _, a in actions)
+        victims = (
+            [p for p in pods if p.instance.role in ("trainer", "controller") and not p.terminating]
+            + [p for p, a in actions if a == "RestartPod"]
+            if group_restart
+            else [p for p, _ in actions]
+        )
+        # Delete first, count second: a crash in between under-counts a restart rather than
+        # handling the same failure twice.
+        self._delete_pods(job, victims)
+        by_role = dict(status.get("restartsByRole", {}))
+        by_instance = dict(status.get("restartsByInstance", {}))
+        for p in victims:
+            by_role[p.instance.role] = by_role.get(p.instance.role, 0) + (p in failed)
+            by_instance[p.instance.name] = by_instance.get(p.instance.name, 0) + 1
+        status.set("restarts", used + 1)
+        status.set("restartsByRole", by_role)
+        status.set("restartsByInstance", by_instance)
+        metrics.RESTARTS.labels(role=failed[0].instance.role).inc()
+        what = (
+            "trainer group and controller from the last checkpoint"
+            if group_restart
+            else ", ".join(p.instance.name for p in victims)
+        )
+        self._transition(
+            status,
+            "Restarting",
+            f"{failed[0].describe_failure()}; restarting {what} ({used + 1} of {policy.max_restarts})",
+            event,
+            warning=True,
+            force_event=True,
+        )
+        return True
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _count(self, spec: RLJobSpec, pods: list[PodView], status: Status) -> int:
+        counts: dict[str, dict[str, int]] = {}
+        for inst in contract.instances(spec):
+            counts.setdefault(inst.role, {"ready": 0, "total": 0})["total"] += 1
+        for p in pods:
+            if p.ready and not p.terminating and p.instance.role in counts:
+                counts[p.instance.role]["ready"] += 1
+        status.set("roles", counts)
+        return sum(c["ready"] for c in counts.values())
+
+    def _transition(
+        self,
+        status: Status,
+        phase: str,
+        message: str,
+        event: EventSink,
+        warning: bool = False,
+        force_event: bool = False,
+    ) -> None:
+        changed = status.get("phase") != phase
+        status.set("phase", phase)
+        status.set("message", message)
+        if changed or force_event:
+            event("Warning" if warning else "Normal", phase, message)
+
+    def _finish(self, status: Status, phase: str, message: str, event: EventSink) -> None:
+        status.set("completionTime", now())
+        status.condition("Complete" if phase == "Succeeded" else "Failed", True, phase, message)
+        self._transition(status, phase, message, event, warning=phase == "Failed")
+
+    def _expire(self, job: r.JobRef, body: dict[str, Any], status: Status) -> None:
+        ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+        finished = status.get("completionTime")
+        if ttl is None or not finished:
+            return
+        if (datetime.now(UTC) - _parse_time(finished)).total_seconds() >= ttl:
+            log.info("deleting %s/%s: ttlSecondsAfterFinished (%s s) passed", job.namespace, job.name, ttl)
+            self._ignore(
+                404,
+                lambda: self.custom.delete_namespaced_custom_object(
+                    API_GROUP, API_VERSION, job.namespace, PLURAL, job.name
+                ),
+            )
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def _pods(self, job: r.JobRef) -> list[PodView]:
+        listed = self.core.list_namespaced_pod(job.namespace, label_selector=f"{r.LABEL_JOB}={job.name}")
+        views = [PodView.of(p) for p in listed.items]
+        return [v for v in views if v is not None]
+
+    def _delete_pods(self, job: r.JobRef, pods: list[PodView]) -> None:
+        for p in pods:
+            self._ignore(
+                404, lambda p=p: self.core.delete_namespaced_pod(p.name, job.namespace, grace_period_seconds=30)
+            )
+
+    def _create(self, obj: dict[str, Any]) -> None:
+        kind, ns = obj["kind"], obj["metadata"]["namespace"]
+        create = {
+            "Pod": lambda: self.core.create_namespaced_pod(ns, obj),
+            "Service": lambda: self.core.create_namespaced_service(ns, obj),
+            "ConfigMap": lambda: self.core.create_namespaced_config_map(ns, obj),
+            "Secret": lambda: self.core.create_namespaced_secret(ns, obj),
+            "NetworkPolicy": lambda: self.net.create_namespaced_network_policy(ns, obj),
+        }[kind]
+        # 409: it exists already (an earlier pass, or an operator that died mid-reconcile).
+        self._ignore(409, create)
+
+    def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> None:
+        self._create(r.config_map(job, spec))
+        self._create(r.secret(job, secrets.token_hex(16)))
+        for svc in r.services(job, spec):
+            self._create(svc)
+        self._create(r.network_policy(job))
+
+    def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> None:
+        self._ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, {"status": patch}
+            ),
+        )
+
+    @staticmethod
+    def _ignore(code: int, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except ApiException as e:
+            if e.status != code:
+                raise

@@ -1,0 +1,261 @@
+"""Desired state: the Kubernetes objects an RLJob should own, computed from the resource alone.
+
+Pure functions, no API calls: the reconciler compares what these return with what exists.
+Every pod gets its environment from kubeforge.contract.role_env, the same function the local
+launcher uses, with stable DNS names of per-role headless services instead of local ports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubeforge import contract
+from kubeforge.contract import Endpoints, Instance
+from kubeforge.spec import API_GROUP, API_VERSION, KIND, RLJobSpec
+
+HTTP_PORT = 8000
+TRAINER_MASTER_PORT = 29500
+WEIGHT_SYNC_PORT = 29600
+SPEC_DIR = "/etc/kubeforge"
+RUN_DIR = "/kubeforge/run"
+TERMINATION_LOG = "/dev/termination-log"
+TOKEN_KEY = "token"
+
+LABEL_JOB = f"{API_GROUP}/job"
+LABEL_ROLE = f"{API_GROUP}/role"
+LABEL_REPLICA = f"{API_GROUP}/replica"
+# Which incarnation of the pod this is; bumped on every restart so a replacement never
+# collides with a pod that is still terminating.
+LABEL_GENERATION = f"{API_GROUP}/restart-generation"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kubeforge-operator", "app.kubernetes.io/part-of": "kubeforge"}
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What the children need to know about their RLJob: name, namespace and uid (for ownership)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def labels(self, role: str | None = None) -> dict[str, str]:
+        labels = {**MANAGED_BY, LABEL_JOB: self.name}
+        if role:
+            labels[LABEL_ROLE] = role
+        return labels
+
+    def metadata(self, name: str, role: str | None = None) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": self.labels(role),
+            "ownerReferences": [self.owner_reference()],
+        }
+
+    def service_name(self, role: str) -> str:
+        return f"{self.name}-{role}"
+
+    def pod_name(self, inst: Instance) -> str:
+        return f"{self.name}-{inst.role}-{inst.replica}"
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.name}-spec"
+
+    @property
+    def secret_name(self) -> str:
+        return f"{self.name}-token"
+
+
+def endpoints(job: JobRef, spec: RLJobSpec) -> Endpoints:
+    """Peers as stable DNS names: pod hostname + per-role headless service (publishNotReadyAddresses)."""
+
+    def host(inst: Instance) -> str:
+        return f"{job.pod_name(inst)}.{job.service_name(inst.role)}.{job.namespace}.svc"
+
+    trainer0 = host(Instance("trainer", 0))
+    return Endpoints(
+        http={i: f"http://{host(i)}:{HTTP_PORT}" for i in contract.instances(spec)},
+        trainer_master=(trainer0, TRAINER_MASTER_PORT),
+        weight_sync=(trainer0, WEIGHT_SYNC_PORT),
+    )
+
+
+def config_map(job: JobRef, spec: RLJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": job.metadata(job.config_name),
+        "data": {"spec.json": spec.model_dump_json(by_alias=True, indent=2)},
+    }
+
+
+def secret(job: JobRef, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": job.metadata(job.secret_name),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def services(job: JobRef, spec: RLJobSpec) -> list[dict[str, Any]]:
+    """One headless service per role: DNS for each pod, addresses published before readiness."""
+    roles = sorted({i.role for i in contract.instances(spec)})
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": job.metadata(job.service_name(role), role),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {LABEL_JOB: job.name, LABEL_ROLE: role},
+                "ports": [
+                    {"name": "http", "port": HTTP_PORT},
+                    {"name": "rendezvous", "port": TRAINER_MASTER_PORT},
+                    {"name": "weight-sync", "port": WEIGHT_SYNC_PORT},
+                ],
+            },
+        }
+        for role in roles
+    ]
+
+
+def network_policy(job: JobRef) -> dict[str, Any]:
+    """Only the job's own pods may reach the job's pods (plus the operator, for progress)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": job.metadata(f"{job.name}-same-job"),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: job.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name}}}]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {},
+                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "forge-operator"}},
+                        }
+                    ],
+                    "ports": [{"port": HTTP_PORT}],
+                },
+            ],
+        },
+    }
+
+
+def _quantity_resources(role_spec: Any, gpus: int) -> dict[str, Any]:
+    limits: dict[str, str] = {}
+    if role_spec.cpu:
+        limits["cpu"] = role_spec.cpu
+    if role_spec.memory:
+        limits["memory"] = role_spec.memory
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)
+    return {"requests": dict(limits), "limits": limits} if limits else {}
+
+
+def pod(job: JobRef, spec: RLJobSpec, inst: Instance, restart_generation: int = 0) -> dict[str, Any]:
+    """The pod of one instance, carrying the environment contract."""
+    role_spec = getattr(spec.roles, inst.role)
+    env = contract.role_env(
+        job=job.name,
+        namespace=job.namespace,
+        spec=spec,
+        spec_path=f"{SPEC_DIR}/spec.json",
+        instance=inst,
+        endpoints=endpoints(job, spec),
+        http_host="0.0.0.0",
+        http_port=HTTP_PORT,
+        run_dir=RUN_DIR,
+        token="",
+        termination_log=TERMINATION_LOG,
+    )
+    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items()) if k != contract.TOKEN]
+    env_list.append(
+        {"name": contract.TOKEN, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": TOKEN_KEY}}}
+    )
+    scheduling = spec.scheduling
+    labels = {**job.labels(inst.role), LABEL_REPLICA: str(inst.replica), LABEL_GENERATION: str(restart_generation)}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # restarts follow spec.failurePolicy, decided by the operator
+        "hostname": job.pod_name(inst),
+        "subdomain": job.service_name(inst.role),
+        "enableServiceLinks": False,
+        "containers": [
+            {
+                "name": inst.role,
+                "image": role_spec.image or spec.image,
+                "command": contract.role_command(inst.role),
+                "env": env_list,
+                "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+                "resources": _quantity_resources(role_spec, contract.gpus_for(spec, inst.role)),
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": HTTP_PORT}, "periodSeconds": 5},
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": HTTP_PORT},
+                    "periodSeconds": 10,
+                    "failureThreshold": 6,
+                },
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "run", "mountPath": RUN_DIR},
+                    *[
+                        {"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only}
+                        | ({"subPath": v.sub_path} if v.sub_path else {})
+                        for v in spec.volumes
+                    ],
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": job.config_name}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloaders need a large /dev/shm
+            {"name": "run", "emptyDir": {}},
+            *[
+                {"name": v.name, "persistentVolumeClaim": {"claimName": v.claim_name, "readOnly": v.read_only}}
+                for v in spec.volumes
+            ],
+        ],
+    }
+    node_selector = {**scheduling.node_selector, **role_spec.node_selector}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if scheduling.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations]
+    if scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = scheduling.priority_class_name
+    if scheduling.scheduler_name:
+        pod_spec["schedulerName"] = scheduling.scheduler_name
+    metadata = job.metadata(job.pod_name(inst), inst.role)
+    metadata["labels"] = labels
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def gpus_needed(spec: RLJobSpec) -> list[int]:
+    """GPUs of each pod the job runs (for the capacity gate)."""
+    return [contract.gpus_for(spec, i.role) for i in contract.instances(spec)]
+
+
+def spec_digest(spec: RLJobSpec) -> str:
+    """A stable text of the spec, to notice edits that need the children rebuilt."""
+    return json.dumps(spec.model_dump(by_alias=True, mode="json"), sort_keys=True)

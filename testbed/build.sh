@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the test control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kwok) from Go modules into a content-addressed cache dir:
+#
+#   ${KUBEFORGE_TESTBED_CACHE:-$HOME/.cache/kubeforge-testbed}/<hash>/bin
+#
+# <hash> = first 16 hex chars of sha256 over versions.env, the wrapper
+# go.mod/go.sum files, the Go version and RECIPE below. When <hash>/COMPLETE exists (written
+# last) and every binary is there, nothing is built. Binaries already built by
+# an interrupted run are kept and only the missing ones are built.
+#
+# Progress goes to stderr; the bin dir path is the LAST line on stdout.
+# Exit status is non-zero (with a message naming the piece) if anything fails.
+#
+# Environment:
+#   KUBEFORGE_TESTBED_CACHE  cache root (default $HOME/.cache/kubeforge-testbed)
+#   KUBEFORGE_GOTOOLCHAIN    GOTOOLCHAIN to use (default: local)
+#   GOPROXY/GOMODCACHE/GOCACHE are honoured as usual by `go`.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+: "${K8S:?versions.env must set K8S}" "${ETCD:?versions.env must set ETCD}" "${KWOK:?versions.env must set KWOK}"
+
+export CGO_ENABLED=0
+export GOTOOLCHAIN="${KUBEFORGE_GOTOOLCHAIN:-local}"
+export GOFLAGS="-mod=readonly -buildvcs=false"
+
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+# Bump RECIPE when changing how binaries are built here (flags, packages): it is part of
+# the cache key, so old binaries are not reused.
+RECIPE=1
+
+t_start=$(date +%s)
+log() { printf '[testbed %4ss] %s\n' "$(( $(date +%s) - t_start ))" "$*" >&2; }
+die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
+
+command -v go >/dev/null 2>&1 || die "'go' not found in PATH (need Go >= 1.26)"
+goversion="$(go env GOVERSION)" || die "'go env GOVERSION' failed"
+
+hash="$(
+  cd "$here"
+  { cat versions.env k8s/go.mod k8s/go.sum etcd/go.mod etcd/go.sum kwok/go.mod kwok/go.sum
+    printf 'go=%s\nrecipe=%s\n' "$goversion" "$RECIPE"; } | sha256sum | cut -c1-16
+)" || die "cannot hash versions.env and go.mod/go.sum files"
+
+root="${KUBEFORGE_TESTBED_CACHE:-$HOME/.cache/kubeforge-testbed}/$hash"
+bin="$root/bin"
+
+complete() {
+  [[ -f "$root/COMPLETE" ]] || return 1
+  local b
+  for b in "${BINARIES[@]}"; do [[ -x "$bin/$b" ]] || return 1; done
+}
+
+if complete; then
+  log "up to date: $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK, $goversion)"
+  printf '%s\n' "$bin"
+  exit 0
+fi
+
+mkdir -p "$bin"
+# Serialise concurrent runs for the same hash.
+exec 9>"$root/.lock"
+if ! flock -n 9; then
+  log "another build holds $root/.lock; waiting"
+  flock 9
+fi
+if complete; then
+  log "up to date (built by a concurrent run): $bin"
+  printf '%s\n' "$bin"
+  exit 0
+fi
+
+log "building into $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK, $goversion, GOTOOLCHAIN=$GOTOOLCHAIN)"
+
+# build <name> <wrapper dir> <package> [extra -X flags...]
+build() {
+  local name="$1" dir="$2" pkg="$3"; shift 3
+  if [[ -x "$bin/$name" ]]; then
+    log "$name: already built, skipping"
+    return 0
+  fi
+  local t0 rc=0 tmp="$bin/.$name.tmp.$$"
+  t0=$(date +%s)
+  log "$name: building $pkg ..."
+  (cd "$here/$dir" && go build -trimpath -ldflags="-s -w $*" -o "$tmp" "$pkg") >&2 || rc=$?
+  if (( rc != 0 )); then
+    rm -f "$tmp"
+    die "building $name ($pkg in $here/$dir) failed with exit status $rc; see the go output above"
+  fi
+  mv -f "$tmp" "$bin/$name"
+  log "$name: done in $(( $(date +%s) - t0 ))s ($(du -h "$bin/$name" | cut -f1))"
+}
+
+# Kubernetes version stamping, as hack/lib/version.sh does. The minor must be exact:
+# it feeds the compatibility/emulation-version logic.
+k8s_minor="${K8S#v1.}"; k8s_minor="${k8s_minor%%.*}"
+k8s_x=()
+for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+  k8s_x+=("-X $p.gitVersion=$K8S" "-X $p.gitMajor=1" "-X $p.gitMinor=$k8s_minor" "-X $p.gitTreeState=clean")
+done
+
+build etcd                    etcd go.etcd.io/etcd/server/v3
+build kube-apiserver          k8s  k8s.io/kubernetes/cmd/kube-apiserver          "${k8s_x[@]}"
+build kube-controller-manager k8s  k8s.io/kubernetes/cmd/kube-controller-manager "${k8s_x[@]}"
+build kube-scheduler          k8s  k8s.io/kubernetes/cmd/kube-scheduler          "${k8s_x[@]}"
+build kwok                    kwok sigs.k8s.io/kwok/cmd/kwok
+
+# Sanity check: every binary runs and reports a version.
+for b in "${BINARIES[@]}"; do
+  "$bin/$b" --version >/dev/null 2>&1 || die "$b was built but '$b --version' fails"
+done
+
+cp -f "$here/versions.env" "$root/versions.env"
+(cd "$bin" && sha256sum "${BINARIES[@]}") > "$root/SHA256SUMS"
+printf 'built=%s\ngo=%s\nhash=%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$goversion" "$hash" > "$root/COMPLETE.tmp"
+mv -f "$root/COMPLETE.tmp" "$root/COMPLETE"
+log "all done in $(( $(date +%s) - t_start ))s: $bin"
+printf '%s\n' "$bin"
