@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import time
 from typing import Any
 
+import httpx
 import pytest
 from conftest import GROUP, PLURAL, VERSION, Operator, wait_for
 from kubernetes import client
@@ -299,3 +301,81 @@ def test_invalid_specs_are_refused_with_the_field_and_create_nothing(namespace: 
     assert not client.CoreV1Api().list_namespaced_pod(namespace).items
     events = client.CoreV1Api().list_namespaced_event(namespace, field_selector="reason=Failed,type=Warning").items
     assert {e.involved_object.name for e in events} == {f"bad-op-{n}" for n in range(len(REFUSED_BY_OPERATOR))}
+
+
+def test_progress_pushed_by_the_controller_lands_in_status(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    controller_env = {e.name: e.value for e in pods(namespace)["controller-0"].spec.containers[0].env}
+    url = controller_env["KUBEFORGE_PROGRESS_URL"]
+    assert url == f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
+    secret = client.CoreV1Api().read_namespaced_secret("grpo-token", namespace)
+    token = base64.b64decode(secret.data["token"]).decode()
+    report = {"step": 7, "policyVersion": 7, "rewardMean": 0.5, "weightSyncSeconds": 0.02}
+    assert httpx.post(url, json=report, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, json={"step": "x"}, headers={"Authorization": f"Bearer {token}"}).status_code == 400
+    assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    progress = status(namespace, "grpo")["progress"]
+    assert progress["step"] == 7 and progress["rewardMean"] == 0.5 and progress["updatedAt"]
+    row = table_row(namespace, "grpo")
+    assert (row["Step"], row["Reward"]) == (7, 0.5)
+
+
+def test_scaling_generators_down_removes_the_extra_pod(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    patch_spec(namespace, "grpo", {"roles": {"generator": {"replicas": 1}}})
+    wait_for("generator-1 gone", lambda: "generator-1" not in pods(namespace), operator=operator)
+    wait_for(
+        "totals follow the spec",
+        lambda: status(namespace, "grpo")["roles"]["generator"] == {"ready": 1, "total": 1},
+        operator=operator,
+    )
+
+
+def test_kueue_gang_labels_every_pod_with_its_group(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body(scheduling={"gang": "kueue", "queue": "team-a"}))
+    wait_for("all pods", lambda: len(pods(namespace)) == len(PODS), operator=operator)
+    for pod in pods(namespace).values():
+        assert pod.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert pod.metadata.labels["kueue.x-k8s.io/pod-group-name"] == "grpo"
+        assert pod.metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == str(len(PODS))
+
+
+def test_a_gang_scheduler_that_is_not_installed_is_named_and_no_pod_starts(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body(scheduling={"gang": "coscheduling", "schedulerName": "scheduler-plugins"}))
+    st = wait_for(
+        "phase Pending", lambda: (s := status(namespace, "grpo")).get("phase") == "Pending" and s, operator=operator
+    )
+    assert "no podgroups.scheduling.x-k8s.io resource" in st["message"]
+    time.sleep(2)
+    assert not pods(namespace)
+
+
+def test_deadline_fails_the_job_and_ttl_deletes_it(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body(activeDeadlineSeconds=2, ttlSecondsAfterFinished=1))
+    st = wait_for(
+        "phase Failed",
+        lambda: (s := status(namespace, "grpo")).get("phase") == "Failed" and s,
+        timeout=60,
+        operator=operator,
+    )
+    assert "activeDeadlineSeconds (2 s) exceeded" in st["message"]
+
+    def gone() -> bool:
+        try:
+            get(namespace, "grpo")
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for("the job deleted after its TTL", gone, timeout=60, operator=operator)
+
+
+def test_operator_metrics_count_pods_and_phases(namespace: str, operator: Operator) -> None:
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    text = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    assert 'kubeforge_operator_pods_created_total{role="generator"} 2.0' in text
+    assert 'kubeforge_operator_jobs{phase="Running"} 1.0' in text
+    assert "kubeforge_operator_reconcile_seconds_count" in text

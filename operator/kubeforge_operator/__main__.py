@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import kopf
 from prometheus_client import start_http_server
@@ -25,6 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    parser.add_argument(
+        "--progress-listen", default="0.0.0.0:8081", help="HOST:PORT where job controllers POST progress ('' off)"
+    )
+    parser.add_argument(
+        "--progress-url-base",
+        default=f"http://forge-operator.{os.environ.get('POD_NAMESPACE', 'kubeforge-system')}.svc:8081",
+        help="how job pods reach --progress-listen (the operator Service's URL)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
@@ -40,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(progress_listen=args.progress_listen, progress_url_base=args.progress_url_base),
     )
 
 

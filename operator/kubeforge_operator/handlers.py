@@ -19,7 +19,7 @@ from kubeforge.spec import API_GROUP, API_VERSION, PLURAL
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge_operator import metrics
+from kubeforge_operator import metrics, progress
 from kubeforge_operator.reconcile import Reconciler
 from kubeforge_operator.resources import LABEL_JOB
 
@@ -34,7 +34,7 @@ def _poke_for(namespace: str, name: str) -> asyncio.Event:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.persistence.finalizer = f"{API_GROUP}/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
@@ -45,8 +45,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     except config.ConfigException:
         config.load_kube_config()
     api = client.ApiClient()
-    memo.custom = client.CustomObjectsApi(api)
-    memo.reconciler = Reconciler(client.CoreV1Api(api), client.NetworkingV1Api(api), memo.custom)
+    core, memo.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    memo.reconciler = Reconciler(core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""))
+    host, _, port = memo.get("progress_listen", "").rpartition(":")
+    if port:
+        memo.progress_server = await progress.serve(progress.ProgressReceiver(core, memo.custom), host, int(port))
+
+
+@kopf.on.cleanup()
+async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("progress_server"):
+        await memo.progress_server.cleanup()
 
 
 def _reconcile_once(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> bool:

@@ -140,10 +140,17 @@ class Status:
 
 
 class Reconciler:
-    def __init__(self, core: client.CoreV1Api, net: client.NetworkingV1Api, custom: client.CustomObjectsApi):
+    def __init__(
+        self,
+        core: client.CoreV1Api,
+        net: client.NetworkingV1Api,
+        custom: client.CustomObjectsApi,
+        progress_url_base: str = "",
+    ):
         self.core = core
         self.net = net
         self.custom = custom
+        self.progress_url_base = progress_url_base
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -208,7 +215,14 @@ class Reconciler:
             return
 
         self._ensure_shared_objects(job, spec)
+        missing_scheduler = self._ensure_pod_group(job, spec)
+        if missing_scheduler:
+            status.condition("Scheduled", False, "GangSchedulerMissing", missing_scheduler)
+            self._transition(status, "Pending", missing_scheduler, event, warning=True)
+            return
         desired = contract.instances(spec)
+        # Replicas removed from the spec (scaled down): their pods go.
+        self._delete_pods(job, [p for p in pods if p.instance not in desired and not p.terminating])
         live = {p.instance for p in pods if not p.terminating}
         going = {p.instance for p in pods if p.terminating}  # recreated once the old pod is gone
         missing = [i for i in desired if i not in live and i not in going]
@@ -221,7 +235,7 @@ class Reconciler:
         status.condition("Scheduled", True, "Capacity", "")
         incarnations = status.get("restartsByInstance", {})
         for inst in missing:
-            self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0)))
+            self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0), self.progress_url_base))
             metrics.PODS_CREATED.labels(role=inst.role).inc()
 
         if not status.get("startTime"):
@@ -364,6 +378,24 @@ class Reconciler:
         }[kind]
         # 409: it exists already (an earlier pass, or an operator that died mid-reconcile).
         self._ignore(409, create)
+
+    def _ensure_pod_group(self, job: r.JobRef, spec: RLJobSpec) -> str:
+        """Create the gang scheduler's PodGroup; an explanation if its CRD is missing, else ''."""
+        group = r.pod_group(job, spec)
+        if group is None:
+            return ""
+        api_group, version, plural = r.POD_GROUP_API[spec.scheduling.gang]
+        try:
+            self.custom.create_namespaced_custom_object(api_group, version, job.namespace, plural, group)
+        except ApiException as e:
+            if e.status == 404:
+                return (
+                    f"scheduling.gang is {spec.scheduling.gang} but the cluster has no {plural}.{api_group} "
+                    f"resource; install that scheduler or choose another gang mechanism"
+                )
+            if e.status != 409:
+                raise
+        return ""
 
     def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> None:
         self._create(r.config_map(job, spec))

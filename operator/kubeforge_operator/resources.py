@@ -7,7 +7,6 @@ launcher uses, with stable DNS names of per-role headless services instead of lo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,16 @@ LABEL_REPLICA = f"{API_GROUP}/replica"
 # Which incarnation of the pod this is; bumped on every restart so a replacement never
 # collides with a pod that is still terminating.
 LABEL_GENERATION = f"{API_GROUP}/restart-generation"
+# Gang scheduling: how each mechanism recognises the pods of one group.
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"
+KUEUE_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+COSCHEDULING_GROUP = "scheduling.x-k8s.io/pod-group"
+VOLCANO_GROUP = "scheduling.k8s.io/group-name"
+POD_GROUP_API = {
+    "coscheduling": ("scheduling.x-k8s.io", "v1alpha1", "podgroups"),
+    "volcano": ("scheduling.volcano.sh", "v1beta1", "podgroups"),
+}
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubeforge-operator", "app.kubernetes.io/part-of": "kubeforge"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -161,6 +170,29 @@ def network_policy(job: JobRef) -> dict[str, Any]:
     }
 
 
+def pod_group(job: JobRef, spec: RLJobSpec) -> dict[str, Any] | None:
+    """The PodGroup a gang scheduler (scheduler-plugins coscheduling, Volcano) admits as a whole."""
+    if spec.scheduling.gang not in POD_GROUP_API:
+        return None
+    group, version, _ = POD_GROUP_API[spec.scheduling.gang]
+    body: dict[str, Any] = {"minMember": len(contract.instances(spec))}
+    if spec.scheduling.gang == "volcano" and spec.scheduling.queue:
+        body["queue"] = spec.scheduling.queue
+    return {"apiVersion": f"{group}/{version}", "kind": "PodGroup", "metadata": job.metadata(job.name), "spec": body}
+
+
+def _gang_markers(job: JobRef, spec: RLJobSpec) -> tuple[dict[str, str], dict[str, str], str | None]:
+    """Labels, annotations and default schedulerName that put a pod into the job's gang."""
+    gang, total = spec.scheduling.gang, str(len(contract.instances(spec)))
+    if gang == "kueue":
+        return {KUEUE_QUEUE: spec.scheduling.queue or "", KUEUE_GROUP: job.name}, {KUEUE_GROUP_COUNT: total}, None
+    if gang == "coscheduling":
+        return {COSCHEDULING_GROUP: job.name}, {}, None
+    if gang == "volcano":
+        return {}, {VOLCANO_GROUP: job.name}, "volcano"
+    return {}, {}, None
+
+
 def _quantity_resources(role_spec: Any, gpus: int) -> dict[str, Any]:
     limits: dict[str, str] = {}
     if role_spec.cpu:
@@ -172,7 +204,9 @@ def _quantity_resources(role_spec: Any, gpus: int) -> dict[str, Any]:
     return {"requests": dict(limits), "limits": limits} if limits else {}
 
 
-def pod(job: JobRef, spec: RLJobSpec, inst: Instance, restart_generation: int = 0) -> dict[str, Any]:
+def pod(
+    job: JobRef, spec: RLJobSpec, inst: Instance, restart_generation: int = 0, progress_url_base: str = ""
+) -> dict[str, Any]:
     """The pod of one instance, carrying the environment contract."""
     role_spec = getattr(spec.roles, inst.role)
     env = contract.role_env(
@@ -187,6 +221,7 @@ def pod(job: JobRef, spec: RLJobSpec, inst: Instance, restart_generation: int = 
         run_dir=RUN_DIR,
         token="",
         termination_log=TERMINATION_LOG,
+        progress_url=f"{progress_url_base}/progress/{job.namespace}/{job.name}" if progress_url_base else "",
     )
     env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items()) if k != contract.TOKEN]
     env_list.append(
@@ -244,18 +279,16 @@ def pod(job: JobRef, spec: RLJobSpec, inst: Instance, restart_generation: int = 
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations]
     if scheduling.priority_class_name:
         pod_spec["priorityClassName"] = scheduling.priority_class_name
-    if scheduling.scheduler_name:
-        pod_spec["schedulerName"] = scheduling.scheduler_name
+    gang_labels, gang_annotations, gang_scheduler = _gang_markers(job, spec)
+    if scheduling.scheduler_name or gang_scheduler:
+        pod_spec["schedulerName"] = scheduling.scheduler_name or gang_scheduler
     metadata = job.metadata(job.pod_name(inst), inst.role)
-    metadata["labels"] = labels
+    metadata["labels"] = {**labels, **gang_labels}
+    if gang_annotations:
+        metadata["annotations"] = gang_annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
 def gpus_needed(spec: RLJobSpec) -> list[int]:
     """GPUs of each pod the job runs (for the capacity gate)."""
     return [contract.gpus_for(spec, i.role) for i in contract.instances(spec)]
-
-
-def spec_digest(spec: RLJobSpec) -> str:
-    """A stable text of the spec, to notice edits that need the children rebuilt."""
-    return json.dumps(spec.model_dump(by_alias=True, mode="json"), sort_keys=True)

@@ -102,6 +102,8 @@ WEIGHT_SYNC_ADDR = "KUBEFORGE_WEIGHT_SYNC_ADDR"
 # Where a role writes its last words as JSON when it exits (exit code, error, final progress):
 # the pod's terminationMessagePath on Kubernetes, a file in the run directory locally.
 TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"
+# Controller only, on Kubernetes: where to POST progress (the operator writes it into status).
+PROGRESS_URL = "KUBEFORGE_PROGRESS_URL"
 PEER_URLS = {role: f"KUBEFORGE_{role.upper()}_URLS" for role in SERVICE_ROLES}
 
 
@@ -118,6 +120,7 @@ def role_env(
     run_dir: str,
     token: str,
     termination_log: str,
+    progress_url: str = "",
 ) -> dict[str, str]:
     """The environment of one instance: identity, peers, and torchrun's PET_* for trainers.
 
@@ -141,6 +144,8 @@ def role_env(
             TERMINATION_LOG: termination_log,
         }
     )
+    if instance.role == "controller" and progress_url:
+        env[PROGRESS_URL] = progress_url
     for role, var in PEER_URLS.items():
         urls = endpoints.urls(role)
         if urls:
@@ -177,6 +182,7 @@ class RoleContext:
     http_port: int
     weight_sync_addr: str
     termination_log: str = ""
+    progress_url: str = ""
     peers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -205,5 +211,6 @@ class RoleContext:
             http_port=int(env[HTTP_PORT]),
             weight_sync_addr=env.get(WEIGHT_SYNC_ADDR, ""),
             termination_log=env.get(TERMINATION_LOG, ""),
+            progress_url=env.get(PROGRESS_URL, ""),
             peers={role: env[var].split(",") for role, var in PEER_URLS.items() if env.get(var)},
         )

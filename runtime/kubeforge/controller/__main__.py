@@ -28,6 +28,7 @@ async def run(server: serving.RoleServer) -> None:
     try:
         await job.wait_for_peers()
         await app.main(job)
+        await job.flush()
     finally:
         server.final_status["progress"] = job.progress.model_dump(by_alias=True, exclude_none=True)
 

@@ -29,6 +29,8 @@ class Job:
         self.progress = Progress()
         self.started = time.monotonic()
         self._labels = role_labels(ctx)
+        self._unsent = False
+        self._pusher: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -66,6 +68,31 @@ class Job:
         self.progress = self.progress.model_copy(update=updates)
         STEP.labels(**self._labels).set(step)
         POLICY_VERSION.labels(**self._labels).set(self.progress.policy_version)
+        if self.ctx.progress_url:
+            self._unsent = True
+            if self._pusher is None or self._pusher.done():
+                self._pusher = asyncio.get_running_loop().create_task(self._push())
+
+    async def _push(self) -> None:
+        """Send the newest progress to the operator, at most once a second; a lost report is
+        superseded by the next one, so failures are logged, not retried."""
+        headers = {"Authorization": f"Bearer {self.ctx.token}"}
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while self._unsent:
+                self._unsent = False
+                body = self.progress.model_dump(by_alias=True, exclude_none=True, exclude={"updated_at"})
+                try:
+                    reply = await client.post(self.ctx.progress_url, json=body, headers=headers)
+                    if reply.status_code != 200:
+                        log.warning("progress report refused: HTTP %d %s", reply.status_code, reply.text[:200])
+                except httpx.HTTPError as e:
+                    log.warning("cannot report progress to %s: %s", self.ctx.progress_url, e)
+                await asyncio.sleep(1.0)
+
+    async def flush(self) -> None:
+        """Wait until the last progress report has been sent."""
+        if self._pusher is not None:
+            await self._pusher
 
     async def wait_for_peers(self, timeout: float = 600.0) -> None:
         """Wait until every replica of every role answers /readyz (pods of a job start in any order)."""
