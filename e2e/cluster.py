@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from kubernetes import client
@@ -105,3 +107,16 @@ def start_cluster(workdir: Path, nodes: int, **env: str) -> Path:
 
 def stop_cluster(workdir: Path) -> None:
     subprocess.run([str(TESTBED / "stop-cluster.sh"), str(workdir)], env=clean_env(), capture_output=True, timeout=120)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, operator: Operator | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` (with the operator's log)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    extra = f"\n--- operator log ---\n{operator.log()}" if operator else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}{extra}")

@@ -5,17 +5,14 @@ labelled kwok.kubeforge.dev/fail=true (or succeed=true) ends Failed (or Succeede
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import GROUP, PLURAL, VERSION, Operator, install_crd, start_cluster, stop_cluster
+from cluster import Operator, install_crd, start_cluster, stop_cluster
 from kubernetes import client, config
-
-__all__ = ["GROUP", "PLURAL", "VERSION", "Operator", "wait_for"]
 
 NODES = 2  # x 8 GPUs each
 
@@ -60,16 +57,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, operator: Operator | None = None) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` (with the operator's log)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    extra = f"\n--- operator log ---\n{operator.log()}" if operator else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {last!r}{extra}")

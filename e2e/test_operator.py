@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import GROUP, PLURAL, VERSION, Operator, wait_for
+from cluster import GROUP, PLURAL, VERSION, Operator, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -127,8 +127,8 @@ def test_a_job_becomes_running_with_every_pod_and_readable_status(namespace: str
     env = {e.name: e.value for e in trainer1.spec.containers[0].env}
     assert env["KUBEFORGE_ROLE"] == "trainer" and env["KUBEFORGE_REPLICA"] == "1"
     assert env["PET_NODE_RANK"] == "1" and env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4"
-    assert env["PET_MASTER_ADDR"] == f"grpo-trainer-0.grpo-trainer.{namespace}.svc"
-    assert env["KUBEFORGE_GENERATOR_URLS"].count(f".grpo-generator.{namespace}.svc:8000") == 2
+    assert env["PET_MASTER_ADDR"] == f"grpo-trainer-0.grpo.{namespace}.svc"
+    assert env["KUBEFORGE_GENERATOR_URLS"].count(f".grpo.{namespace}.svc:8000") == 2
     token_var = next(e for e in trainer1.spec.containers[0].env if e.name == "KUBEFORGE_TOKEN")
     assert token_var.value_from.secret_key_ref.name == "grpo-token"
     assert trainer1.spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
@@ -136,7 +136,7 @@ def test_a_job_becomes_running_with_every_pod_and_readable_status(namespace: str
     assert trainer1.metadata.owner_references[0].kind == "RLJob"
 
     core = client.CoreV1Api()
-    service = core.read_namespaced_service("grpo-generator", namespace)
+    service = core.read_namespaced_service("grpo", namespace)
     assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
     assert "spec.json" in core.read_namespaced_config_map("grpo-spec", namespace).data
     assert client.NetworkingV1Api().read_namespaced_network_policy("grpo-same-job", namespace)

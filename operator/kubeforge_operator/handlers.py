@@ -4,14 +4,17 @@ Each pass reads the RLJob fresh from the API server (so it never acts on a statu
 its own last patch), reconciles in a worker thread (the Kubernetes client is synchronous),
 then waits until one of the job's pods changes or RESYNC_SECONDS pass. Level-triggered: a
 missed event costs at most one resync. The daemons are coroutines, not threads, so thousands
-of jobs cost no thread each; only the short reconcile passes use the executor.
+of jobs cost no thread each; only the short reconcile passes use a thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -24,6 +27,10 @@ from kubeforge_operator.reconcile import Reconciler
 from kubeforge_operator.resources import LABEL_JOB
 
 RESYNC_SECONDS = 10.0
+# Reconcile passes wait on the API server most of the time; more threads keep more requests in flight.
+RECONCILE_THREADS = 16
+# After a poke, wait this long for the pod events that usually follow, then reconcile once.
+COALESCE_SECONDS = 0.05
 
 # (namespace, job) -> set when something about the job's pods changed.
 _pokes: dict[tuple[str, str], asyncio.Event] = {}
@@ -47,15 +54,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     api = client.ApiClient()
     core, memo.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     memo.reconciler = Reconciler(core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""))
+    memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
     host, _, port = memo.get("progress_listen", "").rpartition(":")
     if port:
         memo.progress_server = await progress.serve(progress.ProgressReceiver(core, memo.custom), host, int(port))
 
 
 @kopf.on.cleanup()
-async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
+async def shut_down(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("progress_server"):
         await memo.progress_server.cleanup()
+    memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _reconcile_once(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> bool:
@@ -84,10 +93,14 @@ async def reconcile_job(name: str, namespace: str, memo: kopf.Memo, logger: logg
     try:
         while True:
             poke.clear()
-            if not await asyncio.to_thread(_reconcile_once, memo, namespace, name, logger):
+            # With the caller's context: kopf.event() finds kopf's settings there.
+            context = contextvars.copy_context()
+            in_context = functools.partial(context.run, _reconcile_once, memo, namespace, name, logger)
+            if not await asyncio.get_running_loop().run_in_executor(memo.executor, in_context):
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(poke.wait(), timeout=RESYNC_SECONDS)
+                await asyncio.sleep(COALESCE_SECONDS)
     finally:
         metrics.observe_phase(namespace, name, None)
         _pokes.pop((namespace, name), None)

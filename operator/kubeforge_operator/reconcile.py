@@ -214,12 +214,6 @@ class Reconciler:
         if self._handle_failures(job, spec, pods, status, event):
             return
 
-        self._ensure_shared_objects(job, spec)
-        missing_scheduler = self._ensure_pod_group(job, spec)
-        if missing_scheduler:
-            status.condition("Scheduled", False, "GangSchedulerMissing", missing_scheduler)
-            self._transition(status, "Pending", missing_scheduler, event, warning=True)
-            return
         desired = contract.instances(spec)
         # Replicas removed from the spec (scaled down): their pods go.
         self._delete_pods(job, [p for p in pods if p.instance not in desired and not p.terminating])
@@ -231,6 +225,14 @@ class Reconciler:
             if shortfall:
                 status.condition("Scheduled", False, "InsufficientGPUs", shortfall)
                 self._transition(status, "Pending", f"waiting for GPUs: {shortfall}", event)
+                return
+        if missing:
+            # Only on the way to creating pods: most passes (pod status changes) need none of this.
+            self._ensure_shared_objects(job, spec)
+            missing_scheduler = self._ensure_pod_group(job, spec)
+            if missing_scheduler:
+                status.condition("Scheduled", False, "GangSchedulerMissing", missing_scheduler)
+                self._transition(status, "Pending", missing_scheduler, event, warning=True)
                 return
         status.condition("Scheduled", True, "Capacity", "")
         incarnations = status.get("restartsByInstance", {})
@@ -400,8 +402,7 @@ class Reconciler:
     def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> None:
         self._create(r.config_map(job, spec))
         self._create(r.secret(job, secrets.token_hex(16)))
-        for svc in r.services(job, spec):
-            self._create(svc)
+        self._create(r.service(job))
         self._create(r.network_policy(job))
 
     def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> None:

@@ -74,8 +74,9 @@ class JobRef:
             "ownerReferences": [self.owner_reference()],
         }
 
-    def service_name(self, role: str) -> str:
-        return f"{self.name}-{role}"
+    @property
+    def service_name(self) -> str:
+        return self.name
 
     def pod_name(self, inst: Instance) -> str:
         return f"{self.name}-{inst.role}-{inst.replica}"
@@ -90,10 +91,10 @@ class JobRef:
 
 
 def endpoints(job: JobRef, spec: RLJobSpec) -> Endpoints:
-    """Peers as stable DNS names: pod hostname + per-role headless service (publishNotReadyAddresses)."""
+    """Peers as stable DNS names: pod hostname + the job's headless service (publishNotReadyAddresses)."""
 
     def host(inst: Instance) -> str:
-        return f"{job.pod_name(inst)}.{job.service_name(inst.role)}.{job.namespace}.svc"
+        return f"{job.pod_name(inst)}.{job.service_name}.{job.namespace}.svc"
 
     trainer0 = host(Instance("trainer", 0))
     return Endpoints(
@@ -122,27 +123,24 @@ def secret(job: JobRef, token: str) -> dict[str, Any]:
     }
 
 
-def services(job: JobRef, spec: RLJobSpec) -> list[dict[str, Any]]:
-    """One headless service per role: DNS for each pod, addresses published before readiness."""
-    roles = sorted({i.role for i in contract.instances(spec)})
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": job.metadata(job.service_name(role), role),
-            "spec": {
-                "clusterIP": "None",
-                "publishNotReadyAddresses": True,
-                "selector": {LABEL_JOB: job.name, LABEL_ROLE: role},
-                "ports": [
-                    {"name": "http", "port": HTTP_PORT},
-                    {"name": "rendezvous", "port": TRAINER_MASTER_PORT},
-                    {"name": "weight-sync", "port": WEIGHT_SYNC_PORT},
-                ],
-            },
-        }
-        for role in roles
-    ]
+def service(job: JobRef) -> dict[str, Any]:
+    """One headless service for the job: a DNS name for every pod, published before readiness
+    (torchrun's rendezvous and the weight-sync group form before anyone is ready)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": job.metadata(job.service_name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.name},
+            "ports": [
+                {"name": "http", "port": HTTP_PORT},
+                {"name": "rendezvous", "port": TRAINER_MASTER_PORT},
+                {"name": "weight-sync", "port": WEIGHT_SYNC_PORT},
+            ],
+        },
+    }
 
 
 def network_policy(job: JobRef) -> dict[str, Any]:
@@ -232,7 +230,7 @@ def pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # restarts follow spec.failurePolicy, decided by the operator
         "hostname": job.pod_name(inst),
-        "subdomain": job.service_name(inst.role),
+        "subdomain": job.service_name,
         "enableServiceLinks": False,
         "containers": [
             {
