@@ -29,7 +29,13 @@ $(ENV_STAMP): pyproject.toml
 testbed:
 	@testbed/build.sh > /dev/null
 
-run: env
+# The example jobs' model: a tiny random Qwen3 and tokenizer, made here (nothing is downloaded).
+TINY_MODEL := runs/models/tiny-qwen3
+
+$(TINY_MODEL)/config.json: | $(ENV_STAMP)
+	$(PY) -m kubeforge.tiny_model $(TINY_MODEL)
+
+run: env $(TINY_MODEL)/config.json
 	$(VENV)/bin/kubeforge run $(JOB)
 
 # pytest exits 5 when it collects nothing: say so instead of failing.

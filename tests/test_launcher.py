@@ -18,6 +18,13 @@ from kubeforge.validation import parse_job
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def minimal_job(minimal_job, tiny_model):
+    """The roles load their model for real: give them the tiny one."""
+    minimal_job["spec"]["model"]["path"] = str(tiny_model)
+    return minimal_job
+
+
 def write_job(tmp_path, minimal_job, app="apps.preflight.main", steps=3, **roles):
     minimal_job["spec"]["steps"] = steps
     minimal_job["spec"]["roles"] = {"controller": {"app": app}, **roles}
@@ -61,6 +68,10 @@ def role_processes(run_dir: Path) -> dict[int, dict[str, str]]:
         if env.get("KUBEFORGE_RUN_DIR") == str(run_dir.resolve()) and state != "Z":
             found[int(entry.name)] = env
     return found
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def wait_for_phase(run_dir: Path, phase: str, timeout: float = 120) -> dict:
@@ -120,7 +131,8 @@ def test_a_killed_role_fails_the_job_fast_and_nothing_is_left(tmp_path, minimal_
     try:
         wait_for_phase(run_dir, "Running")
         generators = {pid: env for pid, env in role_processes(run_dir).items() if env["KUBEFORGE_ROLE"] == "generator"}
-        ((pid, env),) = generators.items()
+        # The role process itself, not vLLM's engine process that it spawned (same environment).
+        ((pid, env),) = [(p, e) for p, e in generators.items() if parent(p) not in generators]
         metrics = httpx.get(f"http://127.0.0.1:{env['KUBEFORGE_HTTP_PORT']}/metrics").text
         assert 'kubeforge_role_ready{job="demo",namespace="local",replica="0",role="generator"} 1.0' in metrics
         os.kill(pid, signal.SIGKILL)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubeforge import __version__
+
+if TYPE_CHECKING:
+    from kubeforge.spec import RLJob
 
 DESCRIPTION = """\
 kubeforge runs reinforcement-learning jobs for language models: a trainer (torchtitan),
@@ -25,14 +29,22 @@ examples:
 """
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from kubeforge import contract
+def _load(path: str) -> RLJob | None:
+    """The job in `path`, or None after printing why it is invalid."""
     from kubeforge.validation import SpecError, load_file
 
     try:
-        job = load_file(args.file)
+        return load_file(path)
     except SpecError as e:
         print(e, file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kubeforge import contract
+
+    job = _load(args.file)
+    if job is None:
         return 1
     counts: dict[str, int] = {}
     for inst in contract.instances(job.spec):
@@ -52,12 +64,9 @@ def _crd(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from kubeforge import launcher
-    from kubeforge.validation import SpecError, load_file
 
-    try:
-        job = load_file(args.file)
-    except SpecError as e:
-        print(e, file=sys.stderr)
+    job = _load(args.file)
+    if job is None:
         return 1
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / job.name
     options = launcher.Options(

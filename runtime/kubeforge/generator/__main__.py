@@ -1,10 +1,7 @@
-"""`python -m kubeforge.generator`: one generator replica.
-
-For now it serves the role lifecycle (/healthz, /readyz, /metrics); the vLLM engine and its
-routes are added by the GRPO end-to-end work (issue 3).
-"""
+"""`python -m kubeforge.generator`: one generator replica (a vLLM engine behind HTTP)."""
 
 from kubeforge import serving
+from kubeforge.generator.role import run
 
 if __name__ == "__main__":
-    serving.main(serving.serve_forever)
+    serving.main(run)

@@ -1,8 +1,9 @@
 """`torchrun -m kubeforge.trainer`: one trainer rank.
 
-Local rank 0 of every trainer node serves the role's HTTP endpoints (the pod's probes hit
-them); global rank 0's server is the trainer API the controller calls. For now the ranks form
-their process group and serve the lifecycle; torchtitan training comes with issue 3.
+Every rank builds its shard of the policy (kubeforge.trainer.engine). Global rank 0 serves the
+trainer API (kubeforge.trainer.api) and tells the other ranks what to run; they follow. Local
+rank 0 of every node serves HTTP (the pod's probes and /metrics hit it); other local ranks
+serve nothing and stop on SIGTERM from torchrun.
 """
 
 from __future__ import annotations
@@ -11,38 +12,74 @@ import asyncio
 import logging
 import os
 import signal
-
-import torch
-import torch.distributed as dist
+import threading
 
 from kubeforge import serving
 from kubeforge.contract import RoleContext
+from kubeforge.trainer.api import add_routes, in_thread
+from kubeforge.trainer.engine import Trainer, init_process_group
 
 log = logging.getLogger("kubeforge.trainer")
 
-
-def init_process_group(ctx: RoleContext) -> None:
-    """Join the trainer's own group; torchrun's environment says where and who."""
-    on_gpu = ctx.spec.roles.trainer.gpus_per_node > 0
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if on_gpu else "gloo")
-    dist.barrier()
-    log.info("rank %d of %d joined the trainer group", dist.get_rank(), dist.get_world_size())
+# How long rank 0, stopping, waits to tell the other ranks (a step in flight finishes first).
+STOP_TIMEOUT_S = 30
 
 
 async def run(server: serving.RoleServer) -> None:
-    await asyncio.to_thread(init_process_group, server.ctx)
+    """Body of a node's local rank 0: build the rank, then lead (global rank 0) or follow."""
+    server.set_not_ready("loading the policy")
+    device = await in_thread(init_process_group, server.ctx)
+    trainer = await in_thread(Trainer, server.ctx, device)
+    if trainer.rank == 0:
+        await lead(server, trainer)
+    else:
+        server.set_ready()
+        await in_thread(trainer.follow)
+
+
+async def lead(server: serving.RoleServer, trainer: Trainer) -> None:
+    failure = add_routes(server, trainer)
     server.set_ready()
-    await asyncio.Event().wait()
+    try:
+        await failure  # serve until stopped, or until a command failed on the ranks
+    finally:
+        # Stopping (SIGTERM): release the other ranks from their wait for the next command.
+        try:
+            await asyncio.wait_for(in_thread(trainer.stop), STOP_TIMEOUT_S)
+        except Exception as e:  # they may be gone already: torchrun signals every rank at once
+            log.info("could not tell the other ranks to stop: %s", e)
 
 
 def follower_main() -> None:
-    """Ranks other than a node's local rank 0: no HTTP server, stop on SIGTERM from torchrun."""
+    """A rank without HTTP: follow rank 0 in a thread; exit on its stop command or on SIGTERM/SIGINT.
+
+    The work runs in a daemon thread because a thread blocked in a collective cannot be
+    interrupted; the main thread only waits for a signal, so SIGTERM always ends the process.
+    """
     serving.configure_logging()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    init_process_group(RoleContext.from_env())
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the work thread inherits the mask
+    main_thread = threading.get_ident()
+    exit_code = [0]
+
+    def work() -> None:
+        try:
+            ctx = RoleContext.from_env()
+            Trainer(ctx, init_process_group(ctx)).follow()
+        except BaseException:
+            log.exception("trainer rank failed")
+            exit_code[0] = 1
+        finally:
+            signal.pthread_kill(main_thread, signal.SIGUSR1)
+
+    threading.Thread(target=work, name="trainer-rank", daemon=True).start()
+    received = signal.sigwait(signals)
+    if received != signal.SIGUSR1:
+        log.info("trainer rank stopping on %s", signal.Signals(received).name)
+    logging.shutdown()
+    # No interpreter teardown: the work thread may still sit in a collective, and destroying its
+    # communicator under it aborts the process ("terminate called without an active exception").
+    os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The trainer API, served by global rank 0: what the controller calls.
+
+    POST /train             body: a batch in its wire form (kubeforge.batch); one optimizer step
+    POST /checkpoint        JSON {"app_state": {...}} optional; DCP checkpoint now
+    POST /weights/publish   JSON {"generators": [urls], "reconnect": bool} optional; weight sync
+    POST /weights/export    JSON {"dir": path} optional; the weights as an HF checkpoint
+    GET  /weights/names     the HF-named parameters a publish sends: name, dtype, shape
+    GET  /status            step, policy version, last checkpoint and the app state saved with it
+
+POST routes change the policy: with a job token set, they need `Authorization: Bearer TOKEN`.
+Every POST runs on all ranks (Trainer.run), one at a time, in a thread: the event loop keeps
+answering probes and /metrics during a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Gauge, Histogram
+
+from kubeforge import serving
+from kubeforge.batch import BatchError, TrainBatch
+from kubeforge.trainer.commands import Command
+from kubeforge.trainer.engine import PublishError, Trainer
+
+LABELS = serving.ROLE_LABELS
+STEP = Gauge("kubeforge_trainer_step", "Train steps run.", LABELS)
+POLICY_VERSION = Gauge("kubeforge_trainer_policy_version", "Version of the weights the trainer holds.", LABELS)
+STEP_SECONDS = Histogram(
+    "kubeforge_trainer_step_seconds",
+    "Wall time of one train step, all ranks.",
+    LABELS,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+TOKENS_PER_SECOND = Gauge("kubeforge_trainer_tokens_per_second", "Response tokens per second, last step.", LABELS)
+LOSS = Gauge("kubeforge_trainer_loss", "Policy loss of the last step.", LABELS)
+STALENESS = Gauge("kubeforge_trainer_staleness", "Policy versions the oldest sample of the last step lagged.", LABELS)
+SYNC_SECONDS = Histogram("kubeforge_weight_sync_seconds", "Wall time of one weight publish.", LABELS)
+SYNC_BYTES = Counter("kubeforge_weight_sync_bytes", "Bytes of weights published to the generators.", LABELS)
+
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking (collective) work beside the event loop.
+
+    A daemon thread rather than asyncio.to_thread: a thread stuck in a collective whose peer
+    died must not keep the process from exiting on SIGTERM.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any = None, error: BaseException | None = None) -> None:
+        if not future.done():  # the awaiting request may have gone
+            future.set_exception(error) if error else future.set_result(result)
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    return await future
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
+
+
+def staleness_bound(trainer: Trainer) -> int | None:
+    """How many versions a sample may lag: async jobs only (sync jobs may split a rollout into minibatches)."""
+    spec = trainer.ctx.spec
+    if spec.mode != "async":
+        return None
+    return 1 if spec.max_staleness is None else spec.max_staleness
+
+
+def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[None]:
+    """Add the API's routes; the returned future fails when a command failed on the ranks.
+
+    A command that raised may have left the ranks out of step (one inside a collective, one
+    not): the role must then exit and be restarted from its checkpoint.
+    """
+    app, ctx = server.app, server.ctx
+    labels = serving.role_labels(ctx)
+    failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def run(command: Command) -> Any:
+        try:
+            return await in_thread(trainer.run, command)
+        except PublishError as e:  # the ranks are in step: refuse this publish, keep training
+            raise HTTPException(502, f"weight sync failed: {e}") from e
+        except Exception as e:
+            if not failure.done():
+                failure.set_exception(RuntimeError(f"trainer command {command.name!r} failed: {e}"))
+            raise HTTPException(500, f"{command.name} failed, the trainer stops: {type(e).__name__}: {e}") from e
+
+    def authorize(request: Request) -> None:
+        if ctx.token and request.headers.get("authorization") != f"Bearer {ctx.token}":
+            raise HTTPException(401, "trainer POST routes need the job token (Authorization: Bearer ...)")
+
+    @app.post("/train")
+    async def train(request: Request) -> JSONResponse:
+        authorize(request)
+        body = await request.body()
+        try:
+            batch = TrainBatch.decode(body)  # refuse a bad batch here, before any rank sees it
+            trainer.check(batch)
+        except BatchError as e:
+            raise HTTPException(400, f"bad batch: {e}") from None
+        bound = staleness_bound(trainer)
+        lag = trainer.policy_version - int(batch.policy_versions.min())
+        if bound is not None and lag > bound:
+            raise HTTPException(
+                409,
+                f"stale batch: a sample lags the trainer's policy version {trainer.policy_version} by {lag}, "
+                f"more than maxStaleness {bound}",
+            )
+        metrics = await run(Command("train", payload=body))
+        STEP.labels(**labels).set(metrics["step"])
+        POLICY_VERSION.labels(**labels).set(metrics["policy_version"])
+        STEP_SECONDS.labels(**labels).observe(metrics["step_seconds"])
+        TOKENS_PER_SECOND.labels(**labels).set(metrics["tokens_per_second"])
+        LOSS.labels(**labels).set(metrics["loss"])
+        STALENESS.labels(**labels).set(metrics["staleness_max"])
+        return JSONResponse(metrics)
+
+    @app.post("/checkpoint")
+    async def checkpoint(request: Request) -> dict[str, Any]:
+        authorize(request)
+        app_state = (await json_body(request)).get("app_state")
+        path = await run(Command("checkpoint", {"app_state": app_state}))
+        return {"path": str(path), "step": trainer.step, "policy_version": trainer.policy_version}
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return {
+            "step": trainer.step,
+            "policy_version": trainer.policy_version,
+            "world_size": trainer.world_size,
+            "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+            "app_state": trainer.app_state(),
+        }
+
+    @app.get("/weights/names")
+    async def weight_names() -> dict[str, Any]:
+        return {"policy_version": trainer.policy_version, "weights": trainer.weight_names()}
+
+    @app.post("/weights/export")
+    async def export(request: Request) -> dict[str, Any]:
+        authorize(request)
+        default = ctx.run_dir / "exports" / f"policy-v{trainer.policy_version}"
+        out = Path((await json_body(request)).get("dir") or default)
+        path = await run(Command("export", {"dir": str(out)}))
+        return {"path": str(path), "policy_version": trainer.policy_version}
+
+    @app.post("/weights/publish")
+    async def publish(request: Request) -> dict[str, Any]:
+        authorize(request)
+        body = await json_body(request)
+        generators = body.get("generators") or ctx.peers.get("generator", [])
+        if not generators:
+            raise HTTPException(400, "no generators to publish to (none in the job, none in the request)")
+        args = {"generators": generators, "reconnect": bool(body.get("reconnect"))}
+        result = await run(Command("publish", args))
+        SYNC_SECONDS.labels(**labels).observe(result["seconds"])
+        SYNC_BYTES.labels(**labels).inc(result["bytes"])
+        return result
+
+    return failure

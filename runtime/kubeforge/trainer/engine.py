@@ -1,0 +1,332 @@
+"""One trainer rank: the sharded policy, its optimizer, and the operations all ranks run together.
+
+Every public method here except `weight_names` is collective: all ranks call it, in the same
+order, with the same arguments. Rank 0 learns what to do from HTTP and tells the others
+through the command channel (`run`); the others sit in `follow`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torchtitan.distributed.utils import clip_grad_norm_
+from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
+
+from kubeforge.batch import BatchError, TrainBatch
+from kubeforge.contract import RoleContext
+from kubeforge.losses import grpo_loss
+from kubeforge.trainer import model as policy
+from kubeforge.trainer.commands import STOP, Command, CommandChannel
+from kubeforge.trainer.settings import TrainerSettings
+from kubeforge.weight_sync import WeightSender
+
+log = logging.getLogger("kubeforge.trainer")
+
+CHECKPOINT_PREFIX = "step-"
+APP_STATE_FILE = "app_state.json"  # the controller's own state (data position, ...), saved with the checkpoint
+
+
+class PublishError(RuntimeError):
+    """Weight sync failed on rank 0 after every rank did its part: the trainer can go on."""
+
+
+def init_process_group(ctx: RoleContext) -> torch.device:
+    """Join the trainer's own group (torchrun's environment says where and who); return this rank's device."""
+    if ctx.spec.roles.trainer.gpus_per_node > 0:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    dist.barrier()
+    log.info("rank %d of %d joined the trainer group", dist.get_rank(), dist.get_world_size())
+    return device
+
+
+def completed_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints DCP finished writing (its .metadata file comes last), oldest first."""
+    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / ".metadata").exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+class Trainer:
+    def __init__(self, ctx: RoleContext, device: torch.device):
+        spec = ctx.spec
+        if spec.roles.trainer.tensor_parallel > 1:
+            raise NotImplementedError("tensorParallel > 1: the trainer shards with FSDP only so far")
+        self.ctx = ctx
+        self.settings = TrainerSettings.from_algorithm(spec.algorithm)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.channel = CommandChannel()
+        self._lock = threading.Lock()  # rank 0: one command in flight at a time
+
+        self.model_dir = Path(spec.model.path)
+        self.hf_config = policy.read_hf_config(self.model_dir)
+        args = policy.model_args_from_hf(self.hf_config)
+        self.adapter = Qwen3StateDictAdapter(args, None)
+        self.publish_dtype = policy.hf_dtype(self.hf_config)
+        mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("fsdp",))
+        param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
+        self.model = policy.build_model(args, mesh, device, param_dtype)
+        s = self.settings
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=s.lr, betas=s.betas, eps=s.adam_eps, weight_decay=s.weight_decay
+        )
+        self.step = 0  # train steps run
+        self.policy_version = 0  # optimizer updates applied: the version of the weights held
+        self.checkpoint_dir = ctx.run_dir / spec.checkpoint.dir
+        self.last_checkpoint: Path | None = None
+        self.sender: WeightSender | None = None  # rank 0's, once the generators are connected
+
+        resume = self._agree(completed_checkpoints(self.checkpoint_dir)[-1:])
+        if resume:
+            self.load_checkpoint(resume[0])
+        else:
+            policy.load_hf_weights(self.model, self.adapter, self.model_dir)
+            if self.rank == 0:
+                log.info("loaded %s (%s)", self.model_dir, self.hf_config.get("architectures"))
+
+    # -- lockstep ---------------------------------------------------------------------------
+
+    def run(self, command: Command) -> Any:
+        """Rank 0: have every rank run `command`; return rank 0's result."""
+        with self._lock:
+            self.channel.send(command)
+            return self.execute(command)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's commands until it says stop, then leave the groups."""
+        while (command := self.channel.receive()).name != STOP:
+            self.execute(command)
+        dist.destroy_process_group()
+
+    def stop(self) -> None:
+        """Rank 0: release the other ranks from their wait for the next command, then leave the groups."""
+        self.run(Command(STOP))
+        dist.destroy_process_group()
+
+    def execute(self, command: Command) -> Any:
+        match command.name:
+            case "train":
+                return self.train(TrainBatch.decode(command.payload))
+            case "checkpoint":
+                return self.save_checkpoint(command.args.get("app_state"))
+            case "export":
+                return self.export_hf(Path(command.args["dir"]))
+            case "publish":
+                return self.publish_weights(command.args["generators"], command.args["reconnect"])
+            case "stop":
+                return None
+        raise ValueError(f"unknown trainer command {command.name!r}")
+
+    def _agree(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (paths on a shared volume may look different elsewhere)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.channel.group)
+        return box[0]
+
+    # -- training -----------------------------------------------------------------------------
+
+    def check(self, batch: TrainBatch) -> None:
+        """Raise BatchError for a batch this model cannot take (rank 0 asks before any rank sees it)."""
+        vocab, max_length = self.hf_config["vocab_size"], self.model.model_args.max_seq_len
+        if int(batch.input_ids.min()) < 0 or int(batch.input_ids.max()) >= vocab:
+            raise BatchError(f"input_ids: token ids must lie in [0, {vocab}), the model's vocabulary")
+        if batch.input_ids.shape[1] > max_length:
+            raise BatchError(f"input_ids: {batch.input_ids.shape[1]} positions; the model takes at most {max_length}")
+
+    def train(self, batch: TrainBatch) -> dict[str, Any]:
+        """One optimizer step on `batch`, split across the ranks; metrics are batch-wide."""
+        started = time.perf_counter()
+        s = self.settings
+        self.optimizer.zero_grad()
+        num_tokens = torch.tensor(float(batch.num_tokens), device=self.device)
+        # loss, ratio_mean, clip_fraction, kl: each already divided by the batch's token count
+        totals = torch.zeros(4, device=self.device)
+        for micro in self._micro_batches(batch):
+            logprobs = policy.token_logprobs(self.model, micro.input_ids, s.temperature)
+            loss, metrics = grpo_loss(
+                logprobs,
+                micro.behaviour_logprobs,
+                micro.advantages,
+                micro.response_mask,
+                micro.ref_logprobs,
+                clip_eps_low=s.clip_eps_low,
+                clip_eps_high=s.clip_eps_high,
+                kl_coef=s.kl_coef,
+                num_tokens=num_tokens,
+            )
+            # FSDP averages gradients over the ranks; each rank's loss is its share of the batch-wide
+            # mean, so scaling by the world size makes the average the gradient of their sum.
+            # (torchtitan turns the averaging off instead, which gloo cannot do: no PREMUL_SUM.)
+            (loss * self.world_size).backward()
+            kl = metrics.get("kl", torch.zeros((), device=self.device))
+            totals += torch.stack([loss.detach(), metrics["ratio_mean"], metrics["clip_fraction"], kl])
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), s.max_grad_norm, foreach=True)
+        updated = bool(torch.isfinite(grad_norm))
+        if updated:
+            self.optimizer.step()
+        else:  # a non-finite gradient would poison the weights: skip the update, keep the version
+            log.warning("step %d: gradient norm %s, update skipped", self.step + 1, grad_norm.item())
+        staleness = self.policy_version - int(batch.policy_versions.min())
+        self.policy_version += int(updated)
+        self.step += 1
+        dist.all_reduce(totals)
+        loss, ratio_mean, clip_fraction, kl = totals.tolist()
+        checkpoint = self.save_checkpoint() if self._checkpoint_due() else None
+        seconds = time.perf_counter() - started
+        metrics = {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "updated": updated,
+            "loss": loss,
+            "grad_norm": grad_norm.item(),
+            "ratio_mean": ratio_mean,
+            "clip_fraction": clip_fraction,
+            "tokens": batch.num_tokens,
+            "samples": batch.rows,
+            "staleness_max": staleness,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_seconds": seconds,
+            "tokens_per_second": batch.num_tokens / seconds,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+        }
+        if batch.ref_logprobs is not None:
+            metrics["kl"] = kl
+        return metrics
+
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
+        """This rank's rows (every world_size-th), on the device, in passes of micro_batch_size.
+
+        Every rank runs the same number of forward/backward passes (FSDP's collectives pair up
+        across ranks), so a rank short of rows pads with copies of row 0 that carry no tokens.
+        """
+        rows_per_rank = -(-batch.rows // self.world_size)
+        mine = torch.arange(batch.rows)[self.rank :: self.world_size]
+        padding = rows_per_rank - len(mine)
+        shard = batch.select(torch.cat([mine, torch.zeros(padding, dtype=torch.long)]))
+        shard.response_mask[len(mine) :] = False
+        size = self.settings.micro_batch_size or rows_per_rank
+        for start in range(0, rows_per_rank, size):
+            micro = shard.select(slice(start, start + size))
+            # Columns after the last response token change nothing (causal attention): cut them.
+            used = micro.response_mask.any(0).nonzero()
+            length = int(used.max()) + 1 if len(used) else 2
+            yield micro.truncate(length).to(self.device)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        interval = self.ctx.spec.checkpoint.interval
+        return bool(interval) and self.step % interval == 0
+
+    def _counters(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.tensor(self.step), "policy_version": torch.tensor(self.policy_version)}
+
+    def save_checkpoint(self, app_state: dict[str, Any] | None = None) -> Path:
+        """DCP checkpoint of model, optimizer, step and policy version (plus the app's state, if given)."""
+        path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        if path != self.last_checkpoint:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state, "trainer": self._counters()}
+            dcp.save(state, checkpoint_id=str(path))
+        if self.rank == 0 and app_state is not None:
+            (path / APP_STATE_FILE).write_text(json.dumps(app_state))
+        dist.barrier()  # DCP's coordinator has written .metadata: the checkpoint is complete
+        if self.rank == 0 and path != self.last_checkpoint:
+            for old in completed_checkpoints(self.checkpoint_dir)[: -self.ctx.spec.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint %s (policy version %d)", path, self.policy_version)
+        self.last_checkpoint = path
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state, "trainer": self._counters()}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.step = int(state["trainer"]["step"])
+        self.policy_version = int(state["trainer"]["policy_version"])
+        self.last_checkpoint = path
+        if self.rank == 0:
+            log.info("resumed from %s: step %d, policy version %d", path, self.step, self.policy_version)
+
+    def app_state(self) -> dict[str, Any] | None:
+        """What the controller saved with the checkpoint this trainer resumed from or last wrote."""
+        path = self.last_checkpoint and self.last_checkpoint / APP_STATE_FILE
+        return json.loads(path.read_text()) if path and path.exists() else None
+
+    # -- weights in the generator's names ---------------------------------------------------------
+
+    def weight_names(self) -> list[dict[str, Any]]:
+        """What `iter_hf_weights` yields: HF name, dtype, shape. Local, no communication."""
+        return policy.hf_weight_names(self.model, self.adapter, self.publish_dtype)
+
+    def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor in the checkpoint's dtype), one parameter at a time. Collective."""
+        return policy.iter_hf_weights(self.model, self.adapter, self.publish_dtype)
+
+    def publish_weights(self, generators: list[str], reconnect: bool = False) -> dict[str, Any]:
+        """Send the current weights to `generators` through weight sync, as policy_version.
+
+        Rank 0 sends; the other ranks only take part in each parameter's all-gather.
+        """
+        weights = self.iter_hf_weights()
+        try:
+            if self.rank != 0:
+                return {}
+            try:
+                sender = self._connect(generators, reconnect)
+                params = [[w["name"], w["dtype"], w["shape"]] for w in self.weight_names()]
+                stats = sender.send(weights, version=self.policy_version, params=params)
+            except Exception as e:
+                if self.sender is not None:
+                    self.sender.close()  # the next publish forms the group anew
+                raise PublishError(f"{type(e).__name__}: {e}") from e
+            return {"policy_version": self.policy_version, "seconds": stats.seconds, "bytes": stats.bytes}
+        finally:
+            for _ in weights:  # finish the gathers the other ranks are in, even if the send failed
+                pass
+
+    def _connect(self, generators: list[str], reconnect: bool) -> WeightSender:
+        """Rank 0's sender, its group formed anew when the generators changed or on request."""
+        if self.sender is None:
+            self.sender = WeightSender(
+                self.ctx.weight_sync_addr,
+                bucket_bytes=self.settings.weight_sync_bucket_bytes,
+                device=self.device,
+                token=self.ctx.token,
+            )
+        wanted = [url.rstrip("/") for url in generators]
+        if reconnect or self.sender.group is None or self.sender.generator_urls != wanted:
+            self.sender.connect(wanted)
+        return self.sender
+
+    def export_hf(self, out_dir: Path) -> Path:
+        """Write the current weights as an HF checkpoint (the model directory's other files copied)."""
+        # Every rank runs the loop (each weight is an all-gather); rank 0 keeps what it gathers.
+        weights = {name: tensor.cpu() for name, tensor in self.iter_hf_weights() if self.rank == 0}
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for item in self.model_dir.iterdir():
+                if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json")):
+                    shutil.copy2(item, out_dir / item.name)
+            save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+        dist.barrier()
+        return out_dir

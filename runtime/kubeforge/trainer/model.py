@@ -1,0 +1,132 @@
+"""The policy as torchtitan builds it: an HF Qwen3 checkpoint in, FSDP2-sharded Qwen3Model, HF names out.
+
+torchtitan supplies the model (`Qwen3Model`), its HF <-> torchtitan state-dict adapter and the
+HF safetensors reader that loads each rank's shard straight from the files. What is ours: reading
+the HF config into `Qwen3ModelArgs` (torchtitan 0.2.2 only knows its named flavours) and the
+FSDP2 wrapping, because torchtitan's `apply_fsdp` puts the embedding and the output projection
+in separate FSDP groups, which torch 2.13 refuses for tied embeddings (the small Qwen3s tie them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
+from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint is not one the trainer can build; the message says which config field."""
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def hf_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The checkpoint's dtype: what the generator loaded, so what weights are published in."""
+    return DTYPES[config.get("dtype") or config.get("torch_dtype") or "float32"]
+
+
+def model_args_from_hf(config: dict[str, Any]) -> Qwen3ModelArgs:
+    """torchtitan's Qwen3ModelArgs for an HF Qwen3 config.json; refuses what the model cannot express."""
+    if config.get("model_type") != "qwen3":
+        raise UnsupportedModel(f"model_type: got {config.get('model_type')!r}; expected 'qwen3' (dense Qwen3)")
+    rope = config.get("rope_parameters") or {}
+    unsupported = {
+        "attention_bias": config.get("attention_bias", False),
+        "use_sliding_window": config.get("use_sliding_window", False),
+        "rope_scaling": config.get("rope_scaling"),
+        "rope_parameters.rope_type": rope.get("rope_type", "default") != "default",
+    }
+    for field, value in unsupported.items():
+        if value:
+            raise UnsupportedModel(f"{field}: got {value!r}; torchtitan's Qwen3 supports only the default")
+    eos = config.get("eos_token_id")
+    return Qwen3ModelArgs(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        vocab_size=config["vocab_size"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta") or config.get("rope_theta") or 10000.0,
+        qk_norm=True,
+        max_seq_len=config.get("max_position_embeddings", 4096),
+        enable_weight_tying=config.get("tie_word_embeddings", False),
+        **({"eos_id": eos} if isinstance(eos, int) else {}),
+    )
+
+
+def build_model(args: Qwen3ModelArgs, mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype) -> Qwen3Model:
+    """The model on `device`, sharded over `mesh`, weights initialised at random (load them next)."""
+    with torch.device("meta"):
+        model = Qwen3Model(args)
+    # One FSDP group per block, the rest (embedding, final norm, output, tied or not) in the root's.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)  # also computes the RoPE cache, a buffer no checkpoint holds
+    return model
+
+
+def load_hf_weights(model: Qwen3Model, adapter: Qwen3StateDictAdapter, model_dir: str | Path) -> None:
+    """Read the HF safetensors into the sharded model: each rank reads only its own shard."""
+    hf_state = adapter.to_hf(get_model_state_dict(model))
+    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(str(model_dir)))
+    set_model_state_dict(model, adapter.from_hf(hf_state), options=StateDictOptions(strict=True))
+
+
+def hf_weight_names(model: Qwen3Model, adapter: Qwen3StateDictAdapter, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The weights `iter_hf_weights` yields, in order: HF name, dtype and full shape. No communication."""
+    return [
+        {"name": hf_name, "dtype": str(dtype).removeprefix("torch."), "shape": list(value.shape)}
+        for name, param in model.named_parameters()
+        for hf_name, value in adapter.to_hf({name: param}).items()
+    ]
+
+
+def iter_hf_weights(
+    model: Qwen3Model, adapter: Qwen3StateDictAdapter, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor in `dtype`) one parameter at a time.
+
+    Collective: every rank must run the loop to the end (each parameter is all-gathered).
+    `named_parameters` lists a tied weight once, under the embedding's name, as HF does.
+    """
+    for name, param in model.named_parameters():
+        full = param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
+        for hf_name, value in adapter.to_hf({name: full}).items():
+            yield hf_name, value.to(dtype)
+
+
+def token_logprobs(model: Qwen3Model, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] log-probability of each token given the ones before it; position 0 holds 0.
+
+    Aligned with `input_ids` as the batch's behaviour logprobs are. Logits are divided by the
+    sampling temperature so that the ratio compares like with like.
+    """
+    logits = model(input_ids)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    # gather - logsumexp: no [B, T, V] log-softmax tensor kept for backward
+    logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
+    return F.pad(logprobs, (1, 0))
