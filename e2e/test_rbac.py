@@ -53,10 +53,10 @@ def test_the_operator_runs_a_job_with_only_its_rbac(cluster: Path, namespace: st
         }
         custom = client.CustomObjectsApi()
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
         def status():
-            return (
-                    custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo").get("status") or {}
-                )  # noqa: E731
+            return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo").get("status") or {}  # noqa: E731
+
         wait_for("phase Running", lambda: status().get("phase") == "Running", timeout=90, operator=operator)
 
         token = base64.b64decode(
