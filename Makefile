@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-JOB ?= apps/preflight/preflight.yaml
+JOB ?= apps/grpo/tiny.yaml
 PYTEST_ARGS ?=
 
 # Rebuilt when pyproject.toml changes.

@@ -1,10 +1,7 @@
-"""`python -m kubeforge.rewards`: one reward replica.
-
-For now it serves the role lifecycle (/healthz, /readyz, /metrics); the reward functions and
-the /score route are added by the GRPO end-to-end work (issue 3).
-"""
+"""`python -m kubeforge.rewards`: one reward replica serving POST /score (see role.py)."""
 
 from kubeforge import serving
+from kubeforge.rewards.role import run
 
 if __name__ == "__main__":
-    serving.main(serving.serve_forever)
+    serving.main(run)

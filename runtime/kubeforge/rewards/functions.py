@@ -1,0 +1,91 @@
+"""Reward functions and their registry.
+
+A reward function scores one completion: `fn(prompt, completion, answer) -> float`. Functions
+are registered by name; spec.algorithm.rewards picks which ones run and their weights, e.g.
+`rewards: [{name: correctness, weight: 1.0}, {name: format, weight: 0.1}]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RewardFn = Callable[[str, str, str], float]
+
+REGISTRY: dict[str, RewardFn] = {}
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make a reward function available under `name`."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        if name in REGISTRY:
+            raise ValueError(f"reward function {name!r} is already registered")
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+@register("correctness")
+def correctness(prompt: str, completion: str, answer: str) -> float:
+    """Partial credit: characters at the right position, over the longer of answer and completion.
+
+    Exact answers score 1; extra or missing characters cost as much as wrong ones, so the policy
+    also learns where to stop. Partial credit gives a random policy some signal to start from.
+    """
+    completion = completion.strip()
+    if not answer or not completion:
+        return 0.0
+    hits = sum(a == b for a, b in zip(completion, answer, strict=False))
+    return hits / max(len(answer), len(completion))
+
+
+@register("exact")
+def exact(prompt: str, completion: str, answer: str) -> float:
+    """1 for exactly the answer (surrounding whitespace ignored), else 0."""
+    return float(completion.strip() == answer.strip())
+
+
+@register("format")
+def format_reward(prompt: str, completion: str, answer: str) -> float:
+    """Share of the completion's characters drawn from the answer's alphabet (the prompt's characters).
+
+    Malformed output (empty, other symbols) scores 0; it is the first thing a random policy learns.
+    """
+    completion = completion.strip()
+    if not completion:
+        return 0.0
+    alphabet = set(prompt) | set(answer)
+    return sum(c in alphabet for c in completion) / len(completion)
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str
+    weight: float
+    fn: RewardFn
+
+
+def from_algorithm(algorithm: dict[str, Any]) -> list[WeightedReward]:
+    """The reward functions spec.algorithm.rewards names (default: correctness alone)."""
+    entries = algorithm.get("rewards") or [{"name": "correctness", "weight": 1.0}]
+    rewards = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in REGISTRY:
+            raise ValueError(
+                f"spec.algorithm.rewards[{i}].name: got {name!r}; expected one of {', '.join(sorted(REGISTRY))}"
+            )
+        rewards.append(WeightedReward(name, float(entry.get("weight", 1.0)), REGISTRY[name]))
+    return rewards
+
+
+def score(rewards: Sequence[WeightedReward], items: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """{"rewards": weighted sums, "components": per-function raw scores}; a raising function raises."""
+    components = {
+        r.name: [float(r.fn(it["prompt"], it["completion"], it.get("answer", ""))) for it in items] for r in rewards
+    }
+    totals = [sum(r.weight * components[r.name][i] for r in rewards) for i in range(len(items))]
+    return {"rewards": totals, "components": components}

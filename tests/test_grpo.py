@@ -1,0 +1,113 @@
+"""The GRPO app: advantages and batch building (fast), and the example job end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.grpo.main import Config, Rollouts, build_batch, group_advantages
+from apps.grpo.task import CopyTask, Example
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_advantages_are_normalised_within_each_group():
+    adv = torch.tensor(group_advantages([1.0, 0.0, 1.0, 0.0, 5.0, 5.0, 5.0, 9.0], group_size=4)).view(2, 4)
+    assert adv.mean(dim=1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert adv.std(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert adv[0].tolist() == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)
+    assert adv[1].argmax() == 3  # the one better sample of the second group
+
+
+def test_a_group_without_signal_has_zero_advantages():
+    assert group_advantages([0.3, 0.3, 0.3], group_size=3) == [0.0, 0.0, 0.0]
+    assert group_advantages([0.3, 0.7], group_size=1) == [0.0, 0.0]
+
+
+def test_batch_rows_are_prompt_then_completion_with_versions():
+    example = Example("ab", "ab")
+    rollouts = Rollouts(
+        examples=[example, example],
+        prompt_ids=[[5, 17, 18, 2, 6], [5, 17, 18, 2, 6]],
+        completion_ids=[[17, 18, 2], [19]],
+        logprobs=[[-0.1, -0.2, -0.3], [-4.0]],
+        policy_versions=[3, 2],
+        completions=["ab", "c"],
+    )
+    batch = build_batch(rollouts, [1.0, -1.0], step=7)
+    assert batch.input_ids.tolist() == [[5, 17, 18, 2, 6, 17, 18, 2], [5, 17, 18, 2, 6, 19, 0, 0]]
+    assert batch.response_mask.tolist() == [[False] * 5 + [True] * 3, [False] * 5 + [True, False, False]]
+    assert batch.behaviour_logprobs[0, 5:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.advantages.tolist() == [1.0, -1.0]
+    assert batch.policy_versions.tolist() == [3, 2]
+    assert batch.info == {"step": 7}
+    assert type(batch).decode(batch.encode()).input_ids.equal(batch.input_ids)
+
+
+def test_task_splits_are_disjoint_and_seeded():
+    task = CopyTask(seed=3)
+    held_out = {e.prompt for e in task.held_out}
+    assert held_out.isdisjoint(e.prompt for e in task.train)
+    assert len(held_out) == 32 and len(task.train) == 125 - 32
+    assert [e.prompt for e in task.sample(5)] == [e.prompt for e in CopyTask(seed=3).sample(5)]
+    assert all(e.answer == e.prompt for e in task.sample(20))
+
+
+def test_config_reads_camel_case_algorithm_keys():
+    cfg = Config.from_algorithm({"groupSize": "4", "promptsPerStep": 2, "temperature": 0.7, "lr": 0.1})
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.temperature, cfg.eval_every) == (4, 2, 0.7, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_example_job_raises_the_held_out_reward(tmp_path):
+    """`kubeforge run apps/grpo/tiny.yaml` end to end; the held-out reward must rise by a large margin."""
+    model = REPO / "runs" / "models" / "tiny-qwen3"
+    if not (model / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "kubeforge.tiny_model", str(model)], check=True, cwd=REPO)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "kubeforge.cli", "run", "apps/grpo/tiny.yaml", "--run-dir", str(run_dir), "--no-color"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1400,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_reward" in r]
+    before, after = evals[0]["eval_correctness"], evals[-1]["eval_correctness"]
+    print(f"held-out correctness {before:.3f} -> {after:.3f} in {time.monotonic() - started:.0f} s")
+    assert after >= before + 0.4, evals
+    for key in ("generate_seconds", "reward_seconds", "train_seconds", "sync_seconds", "policy_version"):
+        assert key in rows[-1]
+
+
+def test_warmup_batch_is_the_answer_then_eos_with_zero_behaviour_logprobs(tmp_path):
+    from kubeforge.tiny_model import write_tiny_model
+    from transformers import AutoTokenizer
+
+    from apps.grpo.main import Policy, warmup_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(write_tiny_model(tmp_path / "tiny", seed=0))
+    policy = Policy([], tokenizer)
+    batch = warmup_batch(policy, [Example("ab", "ab")], version=4)
+    prompt = policy.encode(Example("ab", "ab"))
+    eos = tokenizer.eos_token_id
+    assert batch.input_ids[0].tolist() == [*prompt, *tokenizer("ab", add_special_tokens=False)["input_ids"], eos]
+    assert batch.response_mask[0].tolist() == [False] * len(prompt) + [True] * 3
+    assert batch.behaviour_logprobs.abs().sum() == 0 and batch.advantages.tolist() == [1.0]
+    assert batch.policy_versions.tolist() == [4]
+    assert policy.decode(batch.input_ids[0, len(prompt) :].tolist()) == "ab"  # stops at <eos>
+
+
+def test_a_bad_algorithm_value_names_the_field():
+    with pytest.raises(ValueError, match=r"spec.algorithm.groupSize: got 'many'; expected int"):
+        Config.from_algorithm({"groupSize": "many"})
