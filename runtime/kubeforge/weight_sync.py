@@ -588,6 +588,7 @@ def _check_rank(rank: int, world_size: int, addr: str, backend: str, params: lis
         # Parameter i is filled with i: the receivers check every element without a reference copy.
         tensors = [(p.name, torch.full(p.shape, i, dtype=p.torch_dtype, device=device)) for i, p in enumerate(params)]
         plan = plan_buckets(params, sender.bucket_bytes)
+        protocol: list[float] = []
         for round_ in range(args.rounds + 1):  # round 0 warms up (NCCL connects, buffers are allocated)
             sender.wait_ready(f"r{round_}", plan_digest(plan))
             start = time.perf_counter()
@@ -596,8 +597,14 @@ def _check_rank(rank: int, world_size: int, addr: str, backend: str, params: lis
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             if round_:
+                protocol.append(seconds)
                 print(f"round {round_}: {nbytes / 1e9:.3f} GB in {len(plan)} bucket(s), {seconds * 1e3:.1f} ms, "
                       f"{nbytes / seconds / 1e9:.1f} GB/s", flush=True)  # fmt: skip
+        total = sum(p.nbytes for p in params)  # the receivers size theirs the same way
+        raw = [_raw_broadcast(sender.group, total) for _ in range(args.rounds + 1)][1:]
+        best, floor = min(protocol), min(raw)
+        print(f"baseline, raw broadcast of the same {total / 1e9:.3f} GB in one piece: {floor * 1e3:.1f} ms; "
+              f"protocol best {best * 1e3:.1f} ms = {best / floor:.2f}x the baseline", flush=True)  # fmt: skip
         sender.close()
         return
     store = open_store(addr, is_master=False)
@@ -612,9 +619,22 @@ def _check_rank(rank: int, world_size: int, addr: str, backend: str, params: lis
 
     for round_ in range(args.rounds + 1):
         receiver.receive(params, args.bucket_mb << 20, verify, update_id=f"r{round_}")
+    total = sum(p.nbytes for p in params)
+    for _ in range(args.rounds + 1):
+        _raw_broadcast(receiver.group, total)
     if wrong:
         raise SystemExit(f"rank {rank}: wrong values in {wrong[:5]}")
     print(f"rank {rank}: every parameter arrived intact, {args.rounds + 1} rounds", flush=True)
+
+
+def _raw_broadcast(group: SyncGroup, nbytes: int) -> float:
+    """The baseline: one broadcast of `nbytes` from a preallocated buffer, no protocol; seconds."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)
+    start = time.perf_counter()
+    group.broadcast(buffer)
+    if group.device.type == "cuda":
+        torch.cuda.synchronize(group.device)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
