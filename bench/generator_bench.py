@@ -26,7 +26,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -301,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"frontend CPU s over the timed reps (AsyncLLM's process, not the engine core): baseline "
-        f"{base['frontend_cpu_s']:.1f}, service role {svc['frontend_cpu_s']:.1f} (+ bench client {svc['client_cpu_s']:.1f})"
+        f"{base['frontend_cpu_s']:.1f}, service role {svc['frontend_cpu_s']:.1f} "
+        f"(+ bench client {svc['client_cpu_s']:.1f})"
     )
     print(f"versions: {versions()}; cpus {os.cpu_count()}")
     print(f"loadavg before {tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)}")
