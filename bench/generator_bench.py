@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,45 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINE_ARGS = "--dtype float32 --max-model-len 256 --max-num-seqs 8 --enforce-eager"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_env(root: Path, model: Path, engine_args: str) -> tuple[dict[str, str], str]:
     """The generator role's environment contract (as the launcher sets it) and its base URL."""
-    from kubeforge.contract import Endpoints, Instance, role_env
+    from kubeforge.launcher import local_environments
     from kubeforge.spec import RLJobSpec
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    run_dir = root / "run"
-    run_dir.mkdir(exist_ok=True)
     spec = RLJobSpec.model_validate(
         {"model": {"path": str(model)}, "roles": {"generator": {"env": {"GENERATOR_VLLM_ARGS": engine_args}}}}
     )
-    spec_path = run_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec.model_dump(by_alias=True, mode="json")))
-    me = Instance("generator", 0)
-    env = role_env(
-        job="gen-bench",
-        namespace="local",
-        spec=spec,
-        spec_path=str(spec_path),
-        instance=me,
-        endpoints=Endpoints(
-            http={me: url},
-            trainer_master=("127.0.0.1", free_port()),
-            weight_sync=("127.0.0.1", free_port()),
-        ),
-        http_host="127.0.0.1",
-        http_port=port,
-        run_dir=str(run_dir),
-        token="bench-token",
-        termination_log=str(run_dir / "generator-0.termination.json"),
-    )
-    return env, url
+    (env,) = local_environments("gen-bench", spec, root / "run", roles=["generator"], token="bench-token").values()
+    return env, f"http://127.0.0.1:{env['KUBEFORGE_HTTP_PORT']}"
 
 
 def workload(args) -> list[list[list[int]]]:

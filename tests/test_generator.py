@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -115,47 +114,21 @@ def max_logprob_error(model, generation, prompts, temperature: float = 1.0) -> f
 # The generator process, started with the environment contract as the launcher would
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class GeneratorProcess:
     def __init__(self, root: Path, model: Path):
-        from kubeforge.contract import Endpoints, Instance, role_env
+        from kubeforge.launcher import local_environments
         from kubeforge.spec import RLJobSpec
 
         self.model = model
-        self.port, self.sync_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sync_addr = f"127.0.0.1:{self.sync_port}"
         self.token = "test-token"
         run_dir = root / "run"
-        run_dir.mkdir()
         spec = RLJobSpec.model_validate(
             {"model": {"path": str(model)}, "roles": {"generator": {"env": {"GENERATOR_VLLM_ARGS": ENGINE_ARGS}}}}
         )
-        spec_path = run_dir / "spec.json"
-        spec_path.write_text(json.dumps(spec.model_dump(by_alias=True, mode="json")))
-        me = Instance("generator", 0)
-        env = role_env(
-            job="gen-test",
-            namespace="local",
-            spec=spec,
-            spec_path=str(spec_path),
-            instance=me,
-            endpoints=Endpoints(
-                http={me: self.url},
-                trainer_master=("127.0.0.1", free_port()),
-                weight_sync=("127.0.0.1", self.sync_port),
-            ),
-            http_host="127.0.0.1",
-            http_port=self.port,
-            run_dir=str(run_dir),
-            token=self.token,
-            termination_log=str(run_dir / "generator-0.termination.json"),
-        )
+        (env,) = local_environments("gen-test", spec, run_dir, roles=["generator"], token=self.token).values()
+        self.port = int(env["KUBEFORGE_HTTP_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sync_addr = env["KUBEFORGE_WEIGHT_SYNC_ADDR"]
         self.log_path = run_dir / "generator-0.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(

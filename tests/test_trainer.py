@@ -22,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from kubeforge import contract
 from kubeforge.batch import CONTENT_TYPE, BatchError, TrainBatch
+from kubeforge.launcher import local_environments
 from kubeforge.losses import grpo_loss
 from kubeforge.spec import RLJobSpec
 from kubeforge.tiny_model import write_tiny_model
@@ -52,32 +53,8 @@ def free_ports(n):
 def role_envs(tmp: Path, model_dir: Path, roles: dict, **spec_fields) -> dict[str, dict[str, str]]:
     """The environments the launcher would give each instance of a job (instance name -> environment)."""
     spec = RLJobSpec.model_validate({"model": {"path": str(model_dir)}, "roles": roles, **spec_fields})
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(spec.model_dump_json(by_alias=True))
-    instances = [i for i in contract.instances(spec) if i.role in roles]
-    ports = free_ports(len(instances) + 2)
-    endpoints = contract.Endpoints(
-        http={inst: f"http://127.0.0.1:{port}" for inst, port in zip(instances, ports, strict=False)},
-        trainer_master=("127.0.0.1", ports[-2]),
-        weight_sync=("127.0.0.1", ports[-1]),
-    )
-    envs = {}
-    for inst in instances:
-        env = contract.role_env(
-            job="test",
-            namespace="local",
-            spec=spec,
-            spec_path=str(spec_path),
-            instance=inst,
-            endpoints=endpoints,
-            http_host="127.0.0.1",
-            http_port=int(endpoints.http[inst].rsplit(":", 1)[1]),
-            run_dir=str(tmp / "run"),
-            token=TOKEN,
-            termination_log=str(tmp / f"{inst.name}.termination.json"),
-        )
-        envs[inst.name] = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    return envs
+    envs = local_environments("test", spec, tmp / "run", roles=roles, token=TOKEN)
+    return {inst.name: {**os.environ, **env, "PYTHONUNBUFFERED": "1"} for inst, env in envs.items()}
 
 
 class RoleProcess:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ import httpx
 
 from kubeforge import contract
 from kubeforge.contract import Endpoints, Instance
-from kubeforge.spec import Progress, RLJob, RLJobStatus, RoleCount
+from kubeforge.spec import Progress, RLJob, RLJobSpec, RLJobStatus, RoleCount
 
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 30
@@ -152,6 +153,49 @@ def plan_gpus(job: RLJob, available: int | None = None) -> dict[Instance, str]:
     return plan
 
 
+def local_environments(
+    job: str,
+    spec: RLJobSpec,
+    run_dir: Path,
+    *,
+    namespace: str = "local",
+    roles: Collection[str] | None = None,
+    port_base: int | None = None,
+    token: str | None = None,
+) -> dict[Instance, dict[str, str]]:
+    """The environment contract of each instance (of `roles`, default all) with peers on this
+    machine's loopback ports; writes RUN_DIR/spec.json. The launcher, and tests or benchmarks that
+    start single roles, all build environments here."""
+    chosen = [i for i in contract.instances(spec) if roles is None or i.role in roles]
+    ports = allocate_ports([i.name for i in chosen] + ["trainer-master", "weight-sync"], port_base)
+    endpoints = Endpoints(
+        http={i: f"http://{LOCALHOST}:{ports[i.name]}" for i in chosen},
+        trainer_master=(LOCALHOST, ports["trainer-master"]),
+        weight_sync=(LOCALHOST, ports["weight-sync"]),
+    )
+    run_dir = run_dir.resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(spec.model_dump_json(by_alias=True, indent=2))
+    token = secrets.token_hex(16) if token is None else token
+    return {
+        inst: contract.role_env(
+            job=job,
+            namespace=namespace,
+            spec=spec,
+            spec_path=str(spec_path),
+            instance=inst,
+            endpoints=endpoints,
+            http_host=LOCALHOST,
+            http_port=ports[inst.name],
+            run_dir=str(run_dir),
+            token=token,
+            termination_log=str(run_dir / "logs" / f"{inst.name}.termination.json"),
+        )
+        for inst in chosen
+    }
+
+
 class Launcher:
     def __init__(self, job: RLJob, options: Options):
         self.job = job
@@ -193,39 +237,14 @@ class Launcher:
         if importlib.util.find_spec("torch") is None:
             raise LaunchError("the trainer role needs torch: install kubeforge with the runtime extra (make env)")
         gpu_plan = plan_gpus(self.job)
-        all_instances = contract.instances(spec)
-        ports = allocate_ports(
-            [i.name for i in all_instances] + ["trainer-master", "weight-sync"], self.options.port_base
-        )
-        endpoints = Endpoints(
-            http={i: f"http://{LOCALHOST}:{ports[i.name]}" for i in all_instances},
-            trainer_master=(LOCALHOST, ports["trainer-master"]),
-            weight_sync=(LOCALHOST, ports["weight-sync"]),
-        )
-        run_dir = self.options.run_dir.resolve()
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        spec_path = run_dir / "spec.json"
-        spec_path.write_text(spec.model_dump_json(by_alias=True, indent=2))
-        token = secrets.token_hex(16)
-        envs = {}
-        for inst in all_instances:
-            env = contract.role_env(
-                job=self.job.name,
-                namespace=self.job.metadata.namespace or "local",
-                spec=spec,
-                spec_path=str(spec_path),
-                instance=inst,
-                endpoints=endpoints,
-                http_host=LOCALHOST,
-                http_port=ports[inst.name],
-                run_dir=str(run_dir),
-                token=token,
-                termination_log=str(run_dir / "logs" / f"{inst.name}.termination.json"),
-            )
+        envs = local_environments(
+            self.job.name, spec, self.options.run_dir, namespace=self.job.metadata.namespace or "local",
+            port_base=self.options.port_base,
+        )  # fmt: skip
+        for inst, env in envs.items():
             env["CUDA_VISIBLE_DEVICES"] = gpu_plan[inst]
             env["PYTHONUNBUFFERED"] = "1"
-            envs[inst] = env
-        self._urls = endpoints.http
+        self._urls = {inst: f"http://{LOCALHOST}:{env[contract.HTTP_PORT]}" for inst, env in envs.items()}
         return envs
 
     def start(self, envs: dict[Instance, dict[str, str]]) -> None:
