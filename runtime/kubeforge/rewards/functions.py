@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubeforge.rewards import math as math_rewards
+
 RewardFn = Callable[[str, str, str], float]
 
 REGISTRY: dict[str, RewardFn] = {}
@@ -59,6 +61,11 @@ def format_reward(prompt: str, completion: str, answer: str) -> float:
         return 0.0
     alphabet = set(prompt) | set(answer)
     return sum(c in alphabet for c in completion) / len(completion)
+
+
+# Math answers (GSM8K-style tasks): see kubeforge.rewards.math for extraction and equivalence.
+register("math")(math_rewards.correctness)
+register("math_format")(math_rewards.format_reward)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,360 @@
+"""Math answers: extract the final answer of a completion and check it against the reference.
+
+Extraction, in order of precedence (the first rule that finds something wins):
+1. `\\boxed{...}`: the last complete one (braces may nest); a model that corrects itself boxes again.
+2. `<answer>...</answer>`: the last closed tag's content.
+3. The last number in the text (`1,234`, `-3.5`, `3/4`), so a bare "... so she has 18 apples." counts.
+Unclosed markup (`\\boxed{12`, `<answer>12`) is skipped, and the next rule applies.
+
+Verification, cheapest first:
+- the same text once LaTeX dressing, units, `$` and trailing periods are gone;
+- numbers: exact rational equality (`0.5` = `1/2` = `\\frac{1}{2}`, `1,234` = `1234`, `-3` = `−3`), where
+  `25%` also equals `0.25` when only one side is a percentage;
+- expressions: sympy, in a child process with a timeout (`2\\sqrt{2}` = `sqrt(8)`, `x+1` = `1+x`).
+  Only a whitelisted grammar (digits, single-letter symbols, + - * / ^, parentheses and a few
+  functions) ever reaches sympy's parser, because parsing evaluates; an answer longer than
+  MAX_ANSWER_CHARS, outside the grammar, or too slow to compare is simply wrong.
+
+Malformed model output never raises: it scores 0. A missing reference answer is a data error and raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+MAX_ANSWER_CHARS = 200  # longer "answers" are not answers; also bounds the work per item
+SYMPY_TIMEOUT_S = 5.0  # per comparison; generous because the reward host may be busy
+SYMPY_MEMORY_BYTES = 2 << 30  # the child's address-space limit: a runaway power fails fast instead of swapping
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_LAST_NUMBER = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−]?\.\d+")
+_NUMBER = re.compile(
+    r"(?P<sign>-)?\s*(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?P<dec>\.\d+)?(?:\s*/\s*(?P<den>\d+))?\s*(?P<pct>%)?"
+    # trailing units: words after a space ("18 apples"), or two letters or more ("18cm"), never "2x"
+    r"(?:\s+[a-zA-Z][a-zA-Z\s.]*|[a-zA-Z]{2,}[a-zA-Z\s.]*)?"
+)
+_LATEX_FRAC = re.compile(r"(?P<sign>-)?\\frac\{(?P<num>-?\d+)\}\{(?P<den>-?\d+)\}")
+_TEXT_COMMANDS = ("\\text", "\\textbf", "\\mathrm", "\\mathbf", "\\mbox", "\\operatorname")
+_REPLACEMENTS = [
+    ("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""), ("\\,", ""),
+    ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("~", " "), ("{,}", ","), ("\\%", "%"), ("\\$", ""), ("$", ""),
+    ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""), ("−", "-"), ("–", "-"), ("×", "*"), ("÷", "/"),
+    ("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", ""),
+]  # fmt: skip
+# LaTeX names -> the names the sympy child knows; any other backslash command makes an answer unparseable.
+_LATEX_NAMES = {"\\pi": "pi", "\\infty": "oo", "\\ln": "log", "\\log": "log", "\\exp": "exp", "\\sin": "sin",
+                "\\cos": "cos", "\\tan": "tan"}  # fmt: skip
+_FUNCTIONS = frozenset({"sqrt", "pi", "oo", "log", "exp", "sin", "cos", "tan"})
+_SOURCE_CHARS = re.compile(r"[0-9A-Za-z+\-*/().\s]*")
+
+
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+    """(content, index after the closing brace) of the group whose `{` is at `start`; None if unclosed."""
+    depth = 0
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # \{ and \} are literal braces, not grouping
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+        i += 1
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    found = None
+    for m in _BOXED.finditer(text):
+        group = _braced(text, m.end() - 1)
+        if group is not None:
+            found = group[0]
+    return found
+
+
+def extract_answer(completion: str) -> str | None:
+    """The completion's final answer, by the module's order of precedence; None when there is none."""
+    boxed = _last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    tags = _ANSWER_TAG.findall(completion)
+    if tags:
+        return tags[-1]
+    numbers = _LAST_NUMBER.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def has_marked_answer(completion: str) -> bool:
+    """Whether the completion states its answer in `\\boxed{}` or `<answer>` tags, with something inside."""
+    marked = _last_boxed(completion)
+    if marked is None:
+        tags = _ANSWER_TAG.findall(completion)
+        marked = tags[-1] if tags else None
+    return marked is not None and bool(_clean(marked))
+
+
+def _clean(text: str) -> str:
+    """The answer without its dressing: outer boxes, $, spacing commands, text wrappers, units, "x =", periods."""
+    s = text.strip()
+    for _ in range(4):  # \boxed{\boxed{5}}: unwrap a few levels, the rest is not worth a credit
+        m = _BOXED.match(s)
+        group = _braced(s, m.end() - 1) if m else None
+        if group is None or group[1] != len(s):
+            break
+        s = group[0].strip()
+    for old, new in _REPLACEMENTS:
+        s = s.replace(old, new)
+    for command in _TEXT_COMMANDS:  # \text{ apples} -> " apples": the unit rule below drops it
+        while (i := s.find(command + "{")) >= 0:
+            group = _braced(s, i + len(command))
+            if group is None:
+                break
+            s = s[:i] + " " + group[0] + s[group[1] :]
+    s = re.sub(r"^[A-Za-z]\w*\s*=\s*(?=\S)", "", s.strip())  # "x = 5" answers 5
+    return s.strip().rstrip(".,;:!").strip()
+
+
+def _number(text: str) -> tuple[Fraction, bool] | None:
+    """(value, is a percentage) when `text` is one number (units allowed), else None."""
+    m = _LATEX_FRAC.fullmatch(text)
+    if m:
+        den = int(m["den"])
+        if den == 0:
+            return None
+        value = Fraction(int(m["num"]), den)
+        return (-value if m["sign"] else value), False
+    m = _NUMBER.fullmatch(text)
+    if not m or not (m["int"] or m["dec"]):
+        return None
+    value = Fraction(m["int"].replace(",", "") or "0") + (Fraction(m["dec"]) if m["dec"] else 0)
+    if m["den"]:
+        if int(m["den"]) == 0:
+            return None
+        value /= int(m["den"])
+    return (-value if m["sign"] else value), bool(m["pct"])
+
+
+def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
+    (x, x_pct), (y, y_pct) = a, b
+    if x == y:
+        return True
+    # "25%" answers both "25" (what percent?) and "0.25" (what fraction?); two percentages compare as numbers
+    if x_pct and not y_pct:
+        return x / 100 == y
+    if y_pct and not x_pct:
+        return y / 100 == x
+    return False
+
+
+def _to_source(text: str) -> str | None:
+    """A whitelisted sympy source for a LaTeX or plain expression; None when it is outside the grammar."""
+    out = []
+    i = 0
+    while i < len(text):
+        if text.startswith("\\frac", i):
+            num = _braced(text, i + 5) if text.startswith("{", i + 5) else None
+            den = _braced(text, num[1]) if num and text.startswith("{", num[1]) else None
+            if den is None:
+                return None
+            parts = [_to_source(num[0]), _to_source(den[0])]
+            if None in parts:
+                return None
+            out.append(f"(({parts[0]})/({parts[1]}))")
+            i = den[1]
+        elif text.startswith("\\sqrt", i):
+            j = i + 5
+            index = None
+            if text.startswith("[", j):  # \sqrt[3]{x}
+                close = text.find("]", j)
+                index = _to_source(text[j + 1 : close]) if close > 0 else None
+                if index is None:
+                    return None
+                j = close + 1
+            if text.startswith("{", j):
+                group = _braced(text, j)
+                if group is None:
+                    return None
+                radicand, j = _to_source(group[0]), group[1]
+            elif j < len(text) and text[j].isalnum():  # \sqrt2
+                radicand, j = text[j], j + 1
+            else:
+                return None
+            if radicand is None:
+                return None
+            out.append(f"(({radicand})**(1/({index})))" if index else f"sqrt({radicand})")
+            i = j
+        elif text[i] == "\\":
+            name = re.match(r"\\[A-Za-z]+", text[i:])
+            if not name or name[0] not in _LATEX_NAMES:
+                return None
+            out.append(f" {_LATEX_NAMES[name[0]]} ")
+            i += len(name[0])
+        else:
+            out.append({"{": "(", "}": ")", "^": "**"}.get(text[i], text[i]))
+            i += 1
+    source = "".join(out)
+    if not _SOURCE_CHARS.fullmatch(source):
+        return None
+    if any(len(word) > 1 and word not in _FUNCTIONS for word in re.findall(r"[A-Za-z]+", source)):
+        return None  # words are prose or unknown functions, not single-letter symbols
+    return source
+
+
+def _canonical(text: str) -> str:
+    return re.sub(r"\s+", "", text).casefold()
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Whether the extracted answer `predicted` equals `reference` (see the module's docstring)."""
+    p, r = _clean(predicted), _clean(reference)
+    if not p or len(p) > MAX_ANSWER_CHARS:
+        return False
+    if _canonical(p) == _canonical(r):
+        return True
+    pn, rn = _number(p), _number(r)
+    if pn is not None and rn is not None:
+        return _numbers_equal(pn, rn)
+    ps, rs = _to_source(p), _to_source(r)
+    if ps is None or rs is None:
+        return False
+    return _sympy().equivalent(ps, rs)
+
+
+def correctness(prompt: str, completion: str, answer: str) -> float:
+    """1 when the completion's final answer equals the item's answer, else 0."""
+    if not answer.strip():
+        raise ValueError(
+            "math reward: the item's answer is empty; each item needs its reference answer "
+            "(for GSM8K, the text after '####': see kubeforge.data)"
+        )
+    predicted = extract_answer(completion)
+    return float(predicted is not None and answers_match(predicted, answer))
+
+
+def format_reward(prompt: str, completion: str, answer: str) -> float:
+    """1 when the completion marks its final answer with `\\boxed{}` or `<answer>` tags, else 0."""
+    return float(has_marked_answer(completion))
+
+
+# -- the sympy child process -----------------------------------------------------------------------
+
+
+def _serve(memory_bytes: int) -> None:
+    """The child's loop: a JSON line [source, source] on stdin -> "1" or "0" on stdout, until stdin closes."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    import sympy
+    from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
+
+    replies, sys.stdout = sys.stdout, sys.stderr  # nothing sympy prints can corrupt the replies
+    names: dict[str, Any] = {n: getattr(sympy, n) for n in ("Integer", "Float", "Rational", "Symbol", "Function")}
+    names.update(sqrt=sympy.sqrt, pi=sympy.pi, oo=sympy.oo, log=sympy.log, exp=sympy.exp, sin=sympy.sin,
+                 cos=sympy.cos, tan=sympy.tan, __builtins__={})  # fmt: skip
+    transformations = (*standard_transformations, implicit_multiplication, rationalize)
+
+    def equivalent(a: str, b: str) -> bool:
+        x = parse_expr(a, global_dict=dict(names), transformations=transformations)
+        y = parse_expr(b, global_dict=dict(names), transformations=transformations)
+        return bool(x == y or sympy.simplify(x - y) == 0)
+
+    replies.write("ready\n")
+    replies.flush()
+    for line in sys.stdin:
+        try:
+            result = equivalent(*json.loads(line))
+        except Exception:  # whatever the model wrote, an unparseable answer is just wrong
+            result = False
+        replies.write("1\n" if result else "0\n")
+        replies.flush()
+
+
+class SympyWorker:
+    """One child process that compares expressions; a comparison that runs past `timeout` is False,
+    and the child is killed and replaced (threads cannot be stopped; processes can)."""
+
+    def __init__(self, *, timeout: float = SYMPY_TIMEOUT_S, memory_bytes: int = SYMPY_MEMORY_BYTES,
+                 start_timeout: float = 120.0):  # fmt: skip
+        self.timeout, self.memory_bytes, self.start_timeout = timeout, memory_bytes, start_timeout
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # A plain child process, not multiprocessing: that would re-import the host's __main__, and the
+        # reward role is threaded (fork is unsafe). Unbuffered pipes, so select() sees every reply.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
+        code = f"from kubeforge.rewards.math import _serve; _serve({self.memory_bytes})"
+        process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   env=env, bufsize=0)  # fmt: skip
+        if self._read(process, self.start_timeout) != b"ready":
+            process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"math reward: the sympy worker ({sys.executable}) did not start within {self.start_timeout:.0f} s; "
+                "its error is in this process's stderr"
+            )
+        self._process = process
+        return process
+
+    @staticmethod
+    def _read(process: subprocess.Popen[bytes], timeout: float) -> bytes | None:
+        """One reply line, or None when the child stays silent for `timeout` seconds or dies."""
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline() if ready else b""
+        return line.strip() if line.endswith(b"\n") else None
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process.stdin.close()
+            self._process.stdout.close()
+        self._process = None
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """Whether sympy finds the two whitelisted sources equal within the timeout."""
+        with self._lock:
+            process = self._process if self._process and self._process.poll() is None else self._start()
+            try:
+                process.stdin.write(json.dumps([a, b]).encode() + b"\n")
+                reply = self._read(process, self.timeout)
+            except BrokenPipeError:  # the child died on an earlier input
+                reply = None
+            if reply is not None:
+                return reply == b"1"
+            # Too slow, or killed by its memory limit: the input is at fault, not the service.
+            self._stop()
+            self.restarts += 1
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
+_worker: SympyWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def _sympy() -> SympyWorker:
+    """The process's worker, started on first use: most math answers are numbers and never need it."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = SympyWorker()
+        return _worker
