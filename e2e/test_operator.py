@@ -376,6 +376,6 @@ def test_operator_metrics_count_pods_and_phases(namespace: str, operator: Operat
     create(namespace, job_body())
     wait_for("phase Running", lambda: running(namespace), operator=operator)
     text = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
-    assert 'kubeforge_operator_pods_created_total{role="generator"} 2.0' in text
-    assert 'kubeforge_operator_jobs{phase="Running"} 1.0' in text
+    assert f'kubeforge_operator_pods_created_total{{job="grpo",namespace="{namespace}",role="generator"}} 2.0' in text
+    assert f'kubeforge_operator_jobs{{namespace="{namespace}",phase="Running"}} 1.0' in text
     assert "kubeforge_operator_reconcile_seconds_count" in text

@@ -452,7 +452,7 @@ def test_sample_train_publish_sample_with_a_real_generator(tied, tmp_path):
             assert published.status_code == 200, published.text + generator.output()
             assert published.json()["policy_version"] == version + 1
             assert generator.http.get("/weights/info").json()["policy_version"] == version + 1
-        assert "kubeforge_weight_sync_bytes_total" in trainer.http.get("/metrics").text
+        assert "kubeforge_trainer_weight_sync_bytes_total" in trainer.http.get("/metrics").text
     finally:
         for role in (trainer, generator):
             if role.process.poll() is None:

@@ -158,11 +158,12 @@ class Reconciler:
         meta = body["metadata"]
         job = r.JobRef(meta["name"], meta["namespace"], meta["uid"])
         status = Status(dict(body.get("status") or {}))
+        errors = metrics.RECONCILE_ERRORS.labels(job=job.name, namespace=job.namespace)  # zero until one happens
         with metrics.RECONCILE_SECONDS.time():
             try:
                 self._reconcile(job, body, status, event)
             except Exception:
-                metrics.RECONCILE_ERRORS.inc()
+                errors.inc()
                 raise
             finally:
                 if status.patch:
@@ -238,7 +239,7 @@ class Reconciler:
         incarnations = status.get("restartsByInstance", {})
         for inst in missing:
             self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0), self.progress_url_base))
-            metrics.PODS_CREATED.labels(role=inst.role).inc()
+            metrics.pod_created(job.namespace, job.name, inst.role)
 
         if not status.get("startTime"):
             status.set("startTime", now())
@@ -294,7 +295,7 @@ class Reconciler:
         status.set("restarts", used + 1)
         status.set("restartsByRole", by_role)
         status.set("restartsByInstance", by_instance)
-        metrics.RESTARTS.labels(role=failed[0].instance.role).inc()
+        metrics.RESTARTS.labels(job=job.name, namespace=job.namespace, role=failed[0].instance.role).inc()
         what = (
             "trainer group and controller from the last checkpoint"
             if group_restart

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, disable_created_metrics, generate_latest
 
 from kubeforge.contract import HTTP_PORT, RoleContext
 
@@ -29,7 +29,11 @@ log = logging.getLogger("kubeforge.role")
 
 EXIT_PORT_IN_USE = 3
 
+# Every runtime metric carries these, from the environment contract. Prometheus must scrape with
+# honor_labels (a ServiceMonitor's honorLabels), or its own `job` label renames ours to exported_job.
 ROLE_LABELS = ("job", "namespace", "role", "replica")
+# No `<counter>_created` series beside each counter and histogram: one series per metric is enough.
+disable_created_metrics()
 ROLE_READY = Gauge("kubeforge_role_ready", "1 when the role answers /readyz with 200.", ROLE_LABELS)
 ROLE_STARTED = Gauge("kubeforge_role_start_time_seconds", "Unix time the role process started.", ROLE_LABELS)
 

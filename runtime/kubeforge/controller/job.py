@@ -1,15 +1,17 @@
-"""The handle an app's RL loop receives: the spec, the peers, the run directory, progress reporting."""
+"""The handle an app's RL loop receives: the spec, the peers, the run directory, progress and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from kubeforge.contract import RoleContext
 from kubeforge.serving import ROLE_LABELS, role_labels
@@ -19,6 +21,35 @@ log = logging.getLogger("kubeforge.controller")
 
 STEP = Gauge("kubeforge_controller_step", "Last finished training step.", ROLE_LABELS)
 POLICY_VERSION = Gauge("kubeforge_controller_policy_version", "Policy version of the trainer's weights.", ROLE_LABELS)
+REWARD_MEAN = Gauge("kubeforge_controller_reward_mean", "Mean reward of the last step's samples.", ROLE_LABELS)
+HELD_OUT_REWARD = Gauge(
+    "kubeforge_controller_held_out_reward", "Mean reward on the held-out split, last evaluation.", ROLE_LABELS
+)
+STALENESS = Gauge(
+    "kubeforge_controller_staleness", "Policy versions the oldest sample of the last step lagged.", ROLE_LABELS
+)
+BUFFER_DEPTH = Gauge("kubeforge_controller_buffer_depth", "Scored episodes waiting for a train step.", ROLE_LABELS)
+EPISODES = Gauge(
+    "kubeforge_controller_episodes", "Episodes in each state of the job's ledger.", (*ROLE_LABELS, "state")
+)
+PHASE_SECONDS = Histogram(
+    "kubeforge_controller_phase_seconds",
+    "Wall time of one phase of a step: generate, reward, train, sync, ...",
+    (*ROLE_LABELS, "phase"),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
+# Row keys `Job.record` turns into gauges; besides these: `step`, `policy_version` and
+# `reward_mean` (through `report`), `<phase>_seconds` and `episodes`.
+ROW_GAUGES = {
+    "eval_reward": HELD_OUT_REWARD,
+    "staleness_max": STALENESS,
+    "buffer_depth": BUFFER_DEPTH,
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Job:
@@ -68,10 +99,43 @@ class Job:
         self.progress = self.progress.model_copy(update=updates)
         STEP.labels(**self._labels).set(step)
         POLICY_VERSION.labels(**self._labels).set(self.progress.policy_version)
+        if reward_mean is not None:
+            REWARD_MEAN.labels(**self._labels).set(reward_mean)
         if self.ctx.progress_url:
             self._unsent = True
             if self._pusher is None or self._pusher.done():
                 self._pusher = asyncio.get_running_loop().create_task(self._push())
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        """Export one row of the app's per-step numbers as metrics; the app hands its row as is.
+
+        Keys read (others, and values that are not numbers, are left alone):
+        `eval_reward` (held-out reward), `staleness_max`, `buffer_depth`, every `<phase>_seconds`
+        (generate, reward, train, sync, ...: an observation of
+        kubeforge_controller_phase_seconds{phase=...}), `episodes` (state -> count, as the
+        episode ledger's counts()), and `step` with `policy_version`, `reward_mean` and
+        `sync_seconds`, which are reported as progress (`report`) unless the row is older than
+        the progress already reported (an asynchronous evaluation finishing late).
+        """
+        for key, value in row.items():
+            if not _number(value):
+                continue
+            if key in ROW_GAUGES:
+                ROW_GAUGES[key].labels(**self._labels).set(value)
+            elif key.endswith("_seconds"):
+                PHASE_SECONDS.labels(**self._labels, phase=key.removesuffix("_seconds")).observe(value)
+        episodes = row.get("episodes")
+        if isinstance(episodes, Mapping):
+            for state, count in episodes.items():
+                EPISODES.labels(**self._labels, state=state).set(count)
+        step = row.get("step")
+        if _number(step) and step >= self.progress.step:
+            self.report(
+                int(step),
+                policy_version=row.get("policy_version"),
+                reward_mean=row.get("reward_mean"),
+                weight_sync_seconds=row.get("sync_seconds"),
+            )
 
     async def _push(self) -> None:
         """Send the newest progress to the operator, at most once a second; a lost report is

@@ -40,9 +40,15 @@ STEP_SECONDS = Histogram(
 )
 TOKENS_PER_SECOND = Gauge("kubeforge_trainer_tokens_per_second", "Response tokens per second, last step.", LABELS)
 LOSS = Gauge("kubeforge_trainer_loss", "Policy loss of the last step.", LABELS)
+GRAD_NORM = Gauge("kubeforge_trainer_grad_norm", "Gradient norm of the last step, before clipping.", LABELS)
 STALENESS = Gauge("kubeforge_trainer_staleness", "Policy versions the oldest sample of the last step lagged.", LABELS)
-SYNC_SECONDS = Histogram("kubeforge_weight_sync_seconds", "Wall time of one weight publish.", LABELS)
-SYNC_BYTES = Counter("kubeforge_weight_sync_bytes", "Bytes of weights published to the generators.", LABELS)
+SYNC_SECONDS = Histogram(
+    "kubeforge_trainer_weight_sync_seconds",
+    "Wall time of one weight publish to the generators.",
+    LABELS,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+SYNC_BYTES = Counter("kubeforge_trainer_weight_sync_bytes", "Bytes of weights published to the generators.", LABELS)
 
 T = TypeVar("T")
 
@@ -102,6 +108,9 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
     app, ctx = server.app, server.ctx
     labels = serving.role_labels(ctx)
     failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    # From the start (a resumed trainer's step is not 0): dashboards see the trainer before its first step.
+    STEP.labels(**labels).set(trainer.step)
+    POLICY_VERSION.labels(**labels).set(trainer.policy_version)
 
     async def run(command: Command) -> Any:
         try:
@@ -140,6 +149,7 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         STEP_SECONDS.labels(**labels).observe(metrics["step_seconds"])
         TOKENS_PER_SECOND.labels(**labels).set(metrics["tokens_per_second"])
         LOSS.labels(**labels).set(metrics["loss"])
+        GRAD_NORM.labels(**labels).set(metrics["grad_norm"])
         STALENESS.labels(**labels).set(metrics["staleness_max"])
         return JSONResponse(metrics)
 
@@ -183,6 +193,7 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         result = await run(Command("publish", args))
         SYNC_SECONDS.labels(**labels).observe(result["seconds"])
         SYNC_BYTES.labels(**labels).inc(result["bytes"])
+        POLICY_VERSION.labels(**labels).set(result["policy_version"])
         return result
 
     return failure
