@@ -30,12 +30,12 @@ def test_validate_accepts_an_example_and_summarises_it():
 
 
 def test_validate_refuses_with_the_field_and_exit_1(tmp_path, minimal_job):
-    minimal_job["spec"]["roles"] = {"generator": {"replicas": 0}}
+    minimal_job["spec"]["roles"] = {"generator": {"replicas": -1}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(minimal_job))
     result = kubeforge("validate", path)
     assert result.returncode == 1
-    assert "spec.roles.generator.replicas: got 0" in result.stderr
+    assert "spec.roles.generator.replicas: got -1" in result.stderr
     assert result.stdout == ""
 
 

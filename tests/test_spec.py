@@ -86,7 +86,7 @@ BAD_SPECS = [
     ("spec.maxStaleness", 2, "spec", "needs mode: async"),
     ("spec.maxStaleness", -1, "spec.maxStaleness", "greater than or equal to 0"),
     ("spec.roles.genrator", {"replicas": 2}, "spec.roles.genrator", "did you mean 'generator'"),
-    ("spec.roles.generator.replicas", 0, "spec.roles.generator.replicas", "greater than or equal to 1"),
+    ("spec.roles.generator.replicas", -1, "spec.roles.generator.replicas", "greater than or equal to 0"),
     ("spec.roles.generator", {"gpus": 2, "tensorParallel": 4}, "spec.roles.generator", "must equal tensorParallel"),
     ("spec.roles.generator", {"tensorParallel": 2}, "spec.roles.generator", "needs gpus: 2"),
     (

@@ -146,7 +146,9 @@ class TrainerSpec(RoleCommon):
 class GeneratorSpec(RoleCommon):
     """vLLM engines. Each replica is one pod holding `tensorParallel` GPUs."""
 
-    replicas: int = Field(1, ge=1, le=512, description="Independent vLLM engines.")
+    replicas: int = Field(
+        1, ge=0, le=512, description="Independent vLLM engines; 0 for a job that never samples (SFT)."
+    )
     gpus: int = Field(0, ge=0, le=16, description="GPUs per replica; 0 runs vLLM on CPU.")
     tensor_parallel: int = Field(1, ge=1, le=16, description="vLLM tensor_parallel_size.")
 
@@ -165,7 +167,9 @@ class GeneratorSpec(RoleCommon):
 class RewardSpec(RoleCommon):
     """Services that score completions."""
 
-    replicas: int = Field(1, ge=1, le=512, description="Reward service replicas.")
+    replicas: int = Field(
+        1, ge=0, le=512, description="Reward service replicas; 0 for a job that scores nothing (SFT)."
+    )
     gpus: int = Field(0, ge=0, le=16, description="GPUs per replica (model judges); 0 for CPU rewards.")
 
 
