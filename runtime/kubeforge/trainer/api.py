@@ -91,14 +91,6 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def staleness_bound(trainer: Trainer) -> int | None:
-    """How many versions a sample may lag: async jobs only (sync jobs may split a rollout into minibatches)."""
-    spec = trainer.ctx.spec
-    if spec.mode != "async":
-        return None
-    return 1 if spec.max_staleness is None else spec.max_staleness
-
-
 def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[None]:
     """Add the API's routes; the returned future fails when a command failed on the ranks.
 
@@ -117,6 +109,8 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
             return await in_thread(trainer.run, command)
         except PublishError as e:  # the ranks are in step: refuse this publish, keep training
             raise HTTPException(502, f"weight sync failed: {e}") from e
+        except BatchError as e:  # every rank refused it before any collective (Trainer.train): still in step
+            raise HTTPException(400, f"bad batch: {e}") from None
         except Exception as e:
             if not failure.done():
                 failure.set_exception(RuntimeError(f"trainer command {command.name!r} failed: {e}"))
@@ -132,17 +126,9 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         body = await request.body()
         try:
             batch = TrainBatch.decode(body)  # refuse a bad batch here, before any rank sees it
-            trainer.check(batch)
+            trainer.check(batch)  # shape, vocabulary, loss name, staleness
         except BatchError as e:
             raise HTTPException(400, f"bad batch: {e}") from None
-        bound = staleness_bound(trainer)
-        lag = trainer.policy_version - int(batch.policy_versions.min())
-        if bound is not None and lag > bound:
-            raise HTTPException(
-                409,
-                f"stale batch: a sample lags the trainer's policy version {trainer.policy_version} by {lag}, "
-                f"more than maxStaleness {bound}",
-            )
         metrics = await run(Command("train", payload=body))
         STEP.labels(**labels).set(metrics["step"])
         POLICY_VERSION.labels(**labels).set(metrics["policy_version"])
@@ -166,6 +152,7 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
             "step": trainer.step,
             "policy_version": trainer.policy_version,
             "world_size": trainer.world_size,
+            "staleness": trainer.staleness_totals(),
             "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
             "app_state": trainer.app_state(),
         }

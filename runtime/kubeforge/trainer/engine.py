@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapt
 
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
-from kubeforge.losses import grpo_loss
+from kubeforge.losses import LOSSES, Normalisers, choose, policy_loss
+from kubeforge.reference.model import load_frozen
 from kubeforge.trainer import model as policy
 from kubeforge.trainer.commands import STOP, Command, CommandChannel
 from kubeforge.trainer.settings import TrainerSettings
@@ -93,6 +95,14 @@ class Trainer:
         self.checkpoint_dir = ctx.run_dir / spec.checkpoint.dir
         self.last_checkpoint: Path | None = None
         self.sender: WeightSender | None = None  # rank 0's, once the generators are connected
+        # How many policy versions a sample may lag (0 in sync mode), and how many rows lagged how much.
+        self.staleness_bound = spec.staleness_bound
+        self.staleness_seen: Counter[int] = Counter()
+        reference = spec.roles.reference
+        # Colocated: a frozen copy of the initial weights, sharded like the policy, fills missing ref_logprobs.
+        self.reference = (
+            load_frozen(self.model_dir, mesh, device, param_dtype) if reference.enabled and reference.colocate else None
+        )
 
         resume = self._agree(completed_checkpoints(self.checkpoint_dir)[-1:])
         if resume:
@@ -113,7 +123,10 @@ class Trainer:
     def follow(self) -> None:
         """Ranks other than 0: run rank 0's commands until it says stop, then leave the groups."""
         while (command := self.channel.receive()).name != STOP:
-            self.execute(command)
+            try:
+                self.execute(command)
+            except BatchError:  # every rank refused it the same way, before any collective: still in step
+                continue
         dist.destroy_process_group()
 
     def stop(self) -> None:
@@ -150,66 +163,101 @@ class Trainer:
             raise BatchError(f"input_ids: token ids must lie in [0, {vocab}), the model's vocabulary")
         if batch.input_ids.shape[1] > max_length:
             raise BatchError(f"input_ids: {batch.input_ids.shape[1]} positions; the model takes at most {max_length}")
+        needs_reference = LOSSES[self._loss_name(batch)].policy_gradient and self.settings.kl_coef > 0
+        if needs_reference and batch.ref_logprobs is None and self.reference is None:
+            raise BatchError(
+                f"ref_logprobs: missing, and klCoef is {self.settings.kl_coef} with no colocated reference "
+                "(spec.roles.reference.colocate): the controller must fill them (kubeforge.reference.ReferenceClient)"
+            )
+        lags = self.policy_version - batch.policy_versions
+        if int(lags.max()) > self.staleness_bound:
+            row = int(lags.argmax())
+            raise BatchError(
+                f"policy_versions: row {row} was sampled by policy version {int(batch.policy_versions[row])}, "
+                f"{int(lags[row])} behind the trainer's {self.policy_version}; this job allows at most "
+                f"{self.staleness_bound} (spec.mode {self.ctx.spec.mode!r}, spec.maxStaleness)"
+            )
+
+    def _loss_name(self, batch: TrainBatch) -> str:
+        """The batch's own loss (info["loss"], e.g. "sft" for a warm-up batch), else the job's."""
+        loss = batch.info.get("loss", self.settings.loss)
+        try:
+            choose("info.loss", loss, LOSSES)
+        except ValueError as e:
+            raise BatchError(str(e)) from None
+        return loss
 
     def train(self, batch: TrainBatch) -> dict[str, Any]:
         """One optimizer step on `batch`, split across the ranks; metrics are batch-wide."""
         started = time.perf_counter()
+        # Again, on every rank: another request may have moved the policy version since rank 0's check.
+        self.check(batch)
         s = self.settings
+        loss_name = self._loss_name(batch)
+        settings = s.loss_settings(loss_name)
+        policy_gradient = LOSSES[loss_name].policy_gradient
+        fill_reference = policy_gradient and s.kl_coef > 0 and self.reference is not None and batch.ref_logprobs is None
+        norm = Normalisers.of(batch.response_mask)  # batch-wide: every rank's share adds up
         self.optimizer.zero_grad()
-        num_tokens = torch.tensor(float(batch.num_tokens), device=self.device)
-        # loss, ratio_mean, clip_fraction, kl: each already divided by the batch's token count
-        totals = torch.zeros(4, device=self.device)
+        # loss, then each metric: already divided by the batch's normalisers, so they add up
+        totals: dict[str, torch.Tensor] = {}
         for micro in self._micro_batches(batch):
             logprobs = policy.token_logprobs(self.model, micro.input_ids, s.temperature)
-            loss, metrics = grpo_loss(
+            ref_logprobs = micro.ref_logprobs
+            if fill_reference:
+                with torch.no_grad():
+                    ref_logprobs = policy.token_logprobs(self.reference, micro.input_ids, s.temperature)
+            loss, metrics = policy_loss(
                 logprobs,
                 micro.behaviour_logprobs,
                 micro.advantages,
                 micro.response_mask,
-                micro.ref_logprobs,
-                clip_eps_low=s.clip_eps_low,
-                clip_eps_high=s.clip_eps_high,
-                kl_coef=s.kl_coef,
-                num_tokens=num_tokens,
+                ref_logprobs,
+                settings=settings,
+                norm=norm,
             )
             # FSDP averages gradients over the ranks; each rank's loss is its share of the batch-wide
             # mean, so scaling by the world size makes the average the gradient of their sum.
             # (torchtitan turns the averaging off instead, which gloo cannot do: no PREMUL_SUM.)
             (loss * self.world_size).backward()
-            kl = metrics.get("kl", torch.zeros((), device=self.device))
-            totals += torch.stack([loss.detach(), metrics["ratio_mean"], metrics["clip_fraction"], kl])
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                totals[name] = totals.get(name, 0) + value
         grad_norm = clip_grad_norm_(list(self.model.parameters()), s.max_grad_norm, foreach=True)
         updated = bool(torch.isfinite(grad_norm))
         if updated:
             self.optimizer.step()
         else:  # a non-finite gradient would poison the weights: skip the update, keep the version
             log.warning("step %d: gradient norm %s, update skipped", self.step + 1, grad_norm.item())
-        staleness = self.policy_version - int(batch.policy_versions.min())
+        lags = Counter((self.policy_version - batch.policy_versions).tolist())
+        self.staleness_seen.update(lags)
         self.policy_version += int(updated)
         self.step += 1
-        dist.all_reduce(totals)
-        loss, ratio_mean, clip_fraction, kl = totals.tolist()
+        names = sorted(totals)  # the same keys on every rank: same settings, same batch
+        reduced = torch.stack([totals[name] for name in names])
+        dist.all_reduce(reduced)
+        values = dict(zip(names, reduced.tolist(), strict=True))
         checkpoint = self.save_checkpoint() if self._checkpoint_due() else None
         seconds = time.perf_counter() - started
-        metrics = {
+        return {
             "step": self.step,
             "policy_version": self.policy_version,
             "updated": updated,
-            "loss": loss,
+            "loss_variant": loss_name,
             "grad_norm": grad_norm.item(),
-            "ratio_mean": ratio_mean,
-            "clip_fraction": clip_fraction,
+            **values,
             "tokens": batch.num_tokens,
             "samples": batch.rows,
-            "staleness_max": staleness,
+            "staleness_max": max(lags),
+            "staleness": {str(lag): n for lag, n in sorted(lags.items())},
             "lr": self.optimizer.param_groups[0]["lr"],
             "step_seconds": seconds,
             "tokens_per_second": batch.num_tokens / seconds,
             "checkpoint": str(checkpoint) if checkpoint else None,
         }
-        if batch.ref_logprobs is not None:
-            metrics["kl"] = kl
-        return metrics
+
+    def staleness_totals(self) -> dict[str, int]:
+        """Rows trained on so far, by how many policy versions they lagged (since this process started)."""
+        return {str(lag): n for lag, n in sorted(self.staleness_seen.items())}
 
     def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
         """This rank's rows (every world_size-th), on the device, in passes of micro_batch_size.
