@@ -5,6 +5,7 @@ series, read back from a real /metrics."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -150,3 +151,27 @@ def test_operator_job_series_start_at_zero_and_go_with_the_job():
     assert value("kubeforge_operator_job_phase", job="job-1", namespace="ns-a", phase="Running") is None
     assert value("kubeforge_operator_job_phase", job="job-2", namespace="ns-a", phase="Running") == 1
     metrics.observe_phase("ns-a", "job-2", None)
+
+
+DASHBOARDS = REPO / "helm" / "forge-operator" / "dashboards"
+
+
+@pytest.mark.parametrize("name", ["rljob.json", "operator.json"])
+def test_dashboards_read_documented_metrics_through_the_datasource_variable(name: str):
+    dashboard = json.loads((DASHBOARDS / name).read_text())
+    assert dashboard["schemaVersion"] >= 39  # Grafana 11
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert {"namespace", "job"} <= set(variables)
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    docs = documented()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == source, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == source, panel["title"]
+            used = set(re.findall(r"kubeforge_\w+", target["expr"]))
+            assert used, target["expr"]
+            for metric in used:
+                base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                assert metric in docs or (base in docs and docs[base][0] == "histogram"), f"{name}: {metric}"
