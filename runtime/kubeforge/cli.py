@@ -1,4 +1,4 @@
-"""The `kubeforge` command: validate a job file, print the CRD, run a job on this machine."""
+"""The `kubeforge` command: validate a job file, print the CRD, run a job on this machine, report on a run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ examples:
   kubeforge validate apps/grpo/tiny.yaml     check a job file, print what it would run
   kubeforge run apps/grpo/tiny.yaml          run it here; Ctrl-C stops every role
   kubeforge crd > crds/rljob.yaml            regenerate the CustomResourceDefinition
+  kubeforge report runs/grpo-tiny            draw the run's metrics into runs/grpo-tiny/report.png
 """
 
 
@@ -78,6 +79,18 @@ def _run(args: argparse.Namespace) -> int:
     return launcher.run(job, options)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from kubeforge.report import ReportError, report
+
+    try:
+        out = report(args.run_dir, args.output)
+    except ReportError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"report: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubeforge",
@@ -119,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-color", action="store_true", help="plain log prefixes")
     run.set_defaults(handler=_run)
+
+    report = commands.add_parser(
+        "report",
+        help="draw a run's metrics.jsonl into one PNG page",
+        description="Draw RUN_DIR/metrics.jsonl (reward and held-out reward, step time by stage, staleness, "
+        "weight-sync seconds) into one PNG page. Works on a finished run and on one still going.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (runs/<job name> by default)")
+    report.add_argument("-o", "--output", metavar="PNG", help="where to write the page (default: RUN_DIR/report.png)")
+    report.set_defaults(handler=_report)
     return parser
 
 
