@@ -4,7 +4,10 @@ timeout, and the `math` / `math_format` rewards served by the real reward role o
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kubeforge.rewards import REGISTRY, RewardClient, RewardError
@@ -153,6 +156,30 @@ def test_a_pathological_expression_times_out_to_zero_and_the_worker_recovers(mon
         assert answers_match(r"2\sqrt{2}", "sqrt(8)")  # a fresh child answers
     finally:
         worker.close()
+
+
+def test_a_stuck_worker_dies_with_its_host_process():
+    host_code = (
+        "from kubeforge.rewards.math import SympyWorker; w = SympyWorker(timeout=600); w.equivalent('x', 'x'); "
+        "print(w._process.pid, flush=True); w.equivalent('9**(9**(9))', '5')"
+    )
+    host = subprocess.Popen([sys.executable, "-c", host_code], stdout=subprocess.PIPE, text=True)
+    child = Path(f"/proc/{int(host.stdout.readline())}/status")
+    host.kill()
+    host.wait()
+    host.stdout.close()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), "the sympy worker outlived its host"
+
+
+def _running(status: Path) -> bool:
+    """Whether the process of this /proc status file runs (a zombie has stopped: nobody reaped it yet)."""
+    try:
+        return "\tZ" not in status.read_text()
+    except FileNotFoundError:
+        return False
 
 
 def test_role_serves_math_rewards_over_http(reward_role):  # noqa: F811 - the imported fixture

@@ -257,6 +257,9 @@ def _serve(memory_bytes: int) -> None:
     """The child's loop: a JSON line [source, source] on stdin -> "1" or "0" on stdout, until stdin closes."""
     import resource
 
+    from kubeforge.launcher import _die_with_launcher
+
+    _die_with_launcher()  # SIGTERM when the reward role dies: a comparison stuck in sympy must not outlive it
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import sympy
     from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
