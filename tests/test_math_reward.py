@@ -134,6 +134,24 @@ def test_math_format_rewards_a_marked_answer(completion, expected):
     assert format_reward("", completion, "18") == expected
 
 
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("\\boxed{" * 30_000, 0.0),  # every box unclosed
+        ("<answer>" * 30_000 + "</answer>", 0.0),
+        ("<answer>" * 30_000 + "18</answer>", 1.0),
+        ("{" * 100_000 + "18", 1.0),
+        ("\\text{" * 30_000 + "18 " * 30_000, 1.0),
+        ("1 " * 100_000 + "\\boxed{18}", 1.0),
+    ],
+)
+def test_long_adversarial_completions_are_scored_in_linear_time(completion, expected):
+    started = time.monotonic()
+    assert correctness("", completion, "18") == expected
+    format_reward("", completion, "18")
+    assert time.monotonic() - started < 5  # quadratic scans of these take minutes
+
+
 def test_an_item_without_a_reference_answer_is_an_error_not_a_zero():
     with pytest.raises(ValueError, match="answer is empty"):
         correctness("q", r"\boxed{1}", "  ")
@@ -145,7 +163,7 @@ def test_the_rewards_are_registered():
 
 
 def test_a_pathological_expression_times_out_to_zero_and_the_worker_recovers(monkeypatch):
-    worker = SympyWorker(timeout=1.0)
+    worker = SympyWorker(timeout=2.0)
     monkeypatch.setattr(math_rewards, "_worker", worker)
     try:
         assert answers_match("x+1", "1+x")  # warm: the child has started

@@ -35,8 +35,10 @@ MAX_ANSWER_CHARS = 200  # longer "answers" are not answers; also bounds the work
 SYMPY_TIMEOUT_S = 5.0  # per comparison; generous because the reward host may be busy
 SYMPY_MEMORY_BYTES = 2 << 30  # the child's address-space limit: a runaway power fails fast instead of swapping
 
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # an escape (\{ is no brace), or a brace
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
 _LAST_NUMBER = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−]?\.\d+")
 _NUMBER = re.compile(
     r"(?P<sign>-)?\s*(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?P<dec>\.\d+)?(?:\s*/\s*(?P<den>\d+))?\s*(?P<pct>%)?"
@@ -58,53 +60,52 @@ _FUNCTIONS = frozenset({"sqrt", "pi", "oo", "log", "exp", "sin", "cos", "tan"})
 _SOURCE_CHARS = re.compile(r"[0-9A-Za-z+\-*/().\s]*")
 
 
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of its `}`, in one pass (scanning from each of many unclosed `\\boxed{`
+    would take quadratic time); `\\{` and `\\}` are literal braces, not grouping."""
+    pairs, opened = {}, []
+    for m in _BRACE_TOKENS.finditer(text):
+        if m[0] == "{":
+            opened.append(m.start())
+        elif m[0] == "}" and opened:
+            pairs[opened.pop()] = m.start()
+    return pairs
+
+
 def _braced(text: str, start: int) -> tuple[str, int] | None:
     """(content, index after the closing brace) of the group whose `{` is at `start`; None if unclosed."""
-    depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # \{ and \} are literal braces, not grouping
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
-        i += 1
+    close = _brace_pairs(text).get(start)
+    return None if close is None else (text[start + 1 : close], close + 1)
+
+
+def _last_marked(completion: str) -> str | None:
+    """The content of the last complete `\\boxed{}`, else of the last closed `<answer>` tag."""
+    pairs = _brace_pairs(completion)
+    for m in reversed(list(_BOXED.finditer(completion))):
+        close = pairs.get(m.end() - 1)
+        if close is not None:
+            return completion[m.end() : close]
+    closes = list(_ANSWER_CLOSE.finditer(completion))
+    if closes:
+        opens = list(_ANSWER_OPEN.finditer(completion, 0, closes[-1].start()))
+        if opens:
+            return completion[opens[-1].end() : closes[-1].start()]
     return None
-
-
-def _last_boxed(text: str) -> str | None:
-    found = None
-    for m in _BOXED.finditer(text):
-        group = _braced(text, m.end() - 1)
-        if group is not None:
-            found = group[0]
-    return found
 
 
 def extract_answer(completion: str) -> str | None:
     """The completion's final answer, by the module's order of precedence; None when there is none."""
-    boxed = _last_boxed(completion)
-    if boxed is not None:
-        return boxed
-    tags = _ANSWER_TAG.findall(completion)
-    if tags:
-        return tags[-1]
+    marked = _last_marked(completion)
+    if marked is not None:
+        return marked
     numbers = _LAST_NUMBER.findall(completion)
     return numbers[-1] if numbers else None
 
 
 def has_marked_answer(completion: str) -> bool:
     """Whether the completion states its answer in `\\boxed{}` or `<answer>` tags, with something inside."""
-    marked = _last_boxed(completion)
-    if marked is None:
-        tags = _ANSWER_TAG.findall(completion)
-        marked = tags[-1] if tags else None
-    return marked is not None and bool(_clean(marked))
+    marked = _last_marked(completion)
+    return marked is not None and bool(_clean(marked[:MAX_ANSWER_CHARS]))
 
 
 def _clean(text: str) -> str:
@@ -220,8 +221,10 @@ def _canonical(text: str) -> str:
 
 def answers_match(predicted: str, reference: str) -> bool:
     """Whether the extracted answer `predicted` equals `reference` (see the module's docstring)."""
+    if len(predicted) > MAX_ANSWER_CHARS:
+        return False
     p, r = _clean(predicted), _clean(reference)
-    if not p or len(p) > MAX_ANSWER_CHARS:
+    if not p:
         return False
     if _canonical(p) == _canonical(r):
         return True
