@@ -5,6 +5,9 @@ tensors are aligned with `input_ids`: `response_mask[b, t]` says token t was sam
 policy and is trained on, `behaviour_logprobs[b, t]` is the generator's log-probability of that
 token (predicted at position t - 1, so position 0 is never a response token).
 
+A row may pack several sequences (supervised fine-tuning): `position_ids[b, t]` then restarts at
+0 where each sequence starts, and the trainer lets no token attend across that boundary.
+
 On the wire a batch is a safetensors file (`encode` / `decode`): the tensors by name, plus JSON
 under the metadata key "kubeforge.batch" (format version, free-form `info` such as the
 controller's step). No JSON lists of numbers anywhere.
@@ -32,6 +35,7 @@ DTYPES = {
     "advantages": torch.float32,
     "policy_versions": torch.int64,
     "ref_logprobs": torch.float32,
+    "position_ids": torch.int64,
 }
 
 
@@ -47,6 +51,7 @@ class TrainBatch:
     advantages: torch.Tensor  # [B] per sequence, or [B, T] per token; float32
     policy_versions: torch.Tensor  # [B] int64: the policy version that generated each row
     ref_logprobs: torch.Tensor | None = None  # [B, T] float32, for a KL penalty
+    position_ids: torch.Tensor | None = None  # [B, T] int64, packed rows: 0 where each sequence starts
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,6 +73,7 @@ class TrainBatch:
             "advantages": [(rows,), (rows, length)],
             "policy_versions": [(rows,)],
             "ref_logprobs": [(rows, length)],
+            "position_ids": [(rows, length)],
         }
         for name, shapes in expected.items():
             value = getattr(self, name)
@@ -75,10 +81,24 @@ class TrainBatch:
                 raise BatchError(f"{name}: got shape {tuple(value.shape)}; expected {' or '.join(map(str, shapes))}")
         if self.response_mask[:, 0].any():
             raise BatchError("response_mask: position 0 is set; a response token needs a token before it")
+        if self.position_ids is not None:
+            self._validate_positions()
         if not torch.isfinite(self.advantages).all():
             raise BatchError("advantages: not all finite")
         if not torch.isfinite(self.behaviour_logprobs[self.response_mask]).all():
             raise BatchError("behaviour_logprobs: not finite on every response token")
+
+    def _validate_positions(self) -> None:
+        positions = self.position_ids
+        if positions[:, 0].any():
+            raise BatchError("position_ids: every row must start at position 0")
+        steps = positions[:, 1:]
+        if not ((steps == positions[:, :-1] + 1) | (steps == 0)).all():
+            raise BatchError("position_ids: each position must be the previous one + 1, or 0 where a sequence starts")
+        if (self.response_mask & (positions == 0)).any():
+            raise BatchError(
+                "response_mask: set on a sequence's first token (position_ids 0); it has no token before it"
+            )
 
     @classmethod
     def from_sequences(

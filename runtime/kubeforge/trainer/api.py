@@ -1,6 +1,7 @@
 """The trainer API, served by global rank 0: what the controller calls.
 
     POST /train             body: a batch in its wire form (kubeforge.batch); one optimizer step
+    POST /evaluate          body: a batch, as for /train; its loss under the current weights, no update
     POST /checkpoint        JSON {"app_state": {...}} optional; DCP checkpoint now
     POST /weights/publish   JSON {"generators": [urls], "reconnect": bool} optional; weight sync
     POST /weights/export    JSON {"dir": path} optional; the weights as an HF checkpoint
@@ -120,16 +121,19 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         if ctx.token and request.headers.get("authorization") != f"Bearer {ctx.token}":
             raise HTTPException(401, "trainer POST routes need the job token (Authorization: Bearer ...)")
 
-    @app.post("/train")
-    async def train(request: Request) -> JSONResponse:
+    async def checked_batch(request: Request) -> bytes:
+        """The request's batch bytes; a bad batch is refused here, before any rank sees it."""
         authorize(request)
         body = await request.body()
         try:
-            batch = TrainBatch.decode(body)  # refuse a bad batch here, before any rank sees it
-            trainer.check(batch)  # shape, vocabulary, loss name, staleness
+            trainer.check(TrainBatch.decode(body))  # shape, vocabulary, loss name, staleness
         except BatchError as e:
             raise HTTPException(400, f"bad batch: {e}") from None
-        metrics = await run(Command("train", payload=body))
+        return body
+
+    @app.post("/train")
+    async def train(request: Request) -> JSONResponse:
+        metrics = await run(Command("train", payload=await checked_batch(request)))
         STEP.labels(**labels).set(metrics["step"])
         POLICY_VERSION.labels(**labels).set(metrics["policy_version"])
         STEP_SECONDS.labels(**labels).observe(metrics["step_seconds"])
@@ -138,6 +142,10 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         GRAD_NORM.labels(**labels).set(metrics["grad_norm"])
         STALENESS.labels(**labels).set(metrics["staleness_max"])
         return JSONResponse(metrics)
+
+    @app.post("/evaluate")
+    async def evaluate(request: Request) -> dict[str, Any]:
+        return await run(Command("evaluate", payload=await checked_batch(request)))
 
     @app.post("/checkpoint")
     async def checkpoint(request: Request) -> dict[str, Any]:

@@ -146,6 +146,8 @@ class Trainer:
         match command.name:
             case "train":
                 return self.train(TrainBatch.decode(command.payload))
+            case "evaluate":
+                return self.evaluate(TrainBatch.decode(command.payload))
             case "checkpoint":
                 return self.save_checkpoint(command.args.get("app_state"))
             case "export":
@@ -206,11 +208,13 @@ class Trainer:
         # loss, then each metric: already divided by the batch's normalisers, so they add up
         totals: dict[str, torch.Tensor] = {}
         for micro in self._micro_batches(batch):
-            logprobs = policy.token_logprobs(self.model, micro.input_ids, s.temperature)
+            logprobs = policy.token_logprobs(self.model, micro.input_ids, s.temperature, micro.position_ids)
             ref_logprobs = micro.ref_logprobs
             if fill_reference:
                 with torch.no_grad():
-                    ref_logprobs = policy.token_logprobs(self.reference, micro.input_ids, s.temperature)
+                    ref_logprobs = policy.token_logprobs(
+                        self.reference, micro.input_ids, s.temperature, micro.position_ids
+                    )
             loss, metrics = policy_loss(
                 logprobs,
                 micro.behaviour_logprobs,
@@ -257,6 +261,30 @@ class Trainer:
             "step_seconds": seconds,
             "tokens_per_second": batch.num_tokens / seconds,
             "checkpoint": str(checkpoint) if checkpoint else None,
+        }
+
+    def evaluate(self, batch: TrainBatch) -> dict[str, Any]:
+        """The loss `train` would report on `batch` (e.g. a held-out split's), with no update."""
+        self.check(batch)
+        settings = self.settings.loss_settings(self._loss_name(batch))
+        norm = Normalisers.of(batch.response_mask)
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for micro in self._micro_batches(batch):
+                logprobs = policy.token_logprobs(
+                    self.model, micro.input_ids, self.settings.temperature, micro.position_ids
+                )
+                loss, _ = policy_loss(
+                    logprobs, micro.behaviour_logprobs, micro.advantages, micro.response_mask, micro.ref_logprobs,
+                    settings=settings, norm=norm,
+                )  # fmt: skip
+                total += loss
+        dist.all_reduce(total)
+        return {
+            "loss": total.item(),
+            "tokens": batch.num_tokens,
+            "samples": batch.rows,
+            "policy_version": self.policy_version,
         }
 
     def staleness_totals(self) -> dict[str, int]:

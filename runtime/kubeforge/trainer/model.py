@@ -5,12 +5,18 @@ HF safetensors reader that loads each rank's shard straight from the files. What
 the HF config into `Qwen3ModelArgs` (torchtitan 0.2.2 only knows its named flavours) and the
 FSDP2 wrapping, because torchtitan's `apply_fsdp` puts the embedding and the output projection
 in separate FSDP groups, which torch 2.13 refuses for tied embeddings (the small Qwen3s tie them).
+
+Packed rows (several sequences in one row, `position_ids` restarting at 0) get a document-causal
+mask: no token attends to another sequence's tokens, and RoPE positions restart with each one, so
+each sequence's logprobs are the ones it would have alone.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torchtitan.models.attention import ScaledDotProductAttentionWrapper
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
@@ -72,6 +79,60 @@ def model_args_from_hf(config: dict[str, Any]) -> Qwen3ModelArgs:
     )
 
 
+# The attention mask of the packed forward pass in progress ([B, 1, T, T] bool), None for unpacked rows.
+_DOCUMENT_MASK: ContextVar[torch.Tensor | None] = ContextVar("document_mask", default=None)
+
+
+class DocumentAttention(ScaledDotProductAttentionWrapper):
+    """torchtitan's SDPA attention, document-causal while a packed forward pass is in progress.
+
+    torchtitan's own block-causal mask needs flex attention under torch.compile (it failed on the
+    GPU machines and compiles for minutes on CPU) and splits documents at EOS tokens, which chat
+    turns also end with. Its SDPA path hands the inner module no mask, so `packed_forward` passes
+    one through a context variable; unpacked rows take torchtitan's path unchanged (flash on GPU).
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        is_causal: bool = True,
+    ) -> torch.Tensor:
+        mask = _DOCUMENT_MASK.get()
+        if mask is None:
+            return super().forward(q, k, v, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal)
+        if q.shape[1] != k.shape[1]:  # grouped-query heads, repeated: the masked kernels take equal heads
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: token t sees token s <= t of its own sequence (sequences start at position 0)."""
+    documents = (position_ids == 0).cumsum(-1)
+    same = documents[:, :, None] == documents[:, None, :]
+    return (same & torch.ones_like(same[0]).tril())[:, None]
+
+
+@contextmanager
+def packed_forward(position_ids: torch.Tensor | None) -> Iterator[None]:
+    """Within it, the model's forward passes use the document mask of `position_ids` (None: plain causal)."""
+    token = _DOCUMENT_MASK.set(None if position_ids is None else document_mask(position_ids))
+    try:
+        yield
+    finally:
+        _DOCUMENT_MASK.reset(token)
+
+
+def use_document_attention(model: torch.nn.Module) -> None:
+    """Give every attention layer the document-aware inner attention (parameter-free: safe after sharding)."""
+    for block in model.layers.values():
+        block.attention.inner_attention = DocumentAttention()
+
+
 def build_model(args: Qwen3ModelArgs, mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype) -> Qwen3Model:
     """The model on `device`, sharded over `mesh`, weights initialised at random (load them next)."""
     with torch.device("meta"):
@@ -84,6 +145,7 @@ def build_model(args: Qwen3ModelArgs, mesh: DeviceMesh, device: torch.device, pa
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)  # also computes the RoPE cache, a buffer no checkpoint holds
+    use_document_attention(model)
     return model
 
 
@@ -117,13 +179,17 @@ def iter_hf_weights(
             yield hf_name, value.to(dtype)
 
 
-def token_logprobs(model: Qwen3Model, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    model: Qwen3Model, input_ids: torch.Tensor, temperature: float = 1.0, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """[B, T] log-probability of each token given the ones before it; position 0 holds 0.
 
     Aligned with `input_ids` as the batch's behaviour logprobs are. Logits are divided by the
-    sampling temperature so that the ratio compares like with like.
+    sampling temperature so that the ratio compares like with like. With `position_ids` (packed
+    rows) each sequence sees only itself; a sequence's first token gets a meaningless value.
     """
-    logits = model(input_ids)[:, :-1].float()
+    with packed_forward(position_ids):
+        logits = model(input_ids, positions=position_ids)[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, 1:].unsqueeze(-1)

@@ -1,0 +1,163 @@
+"""SFT: supervised fine-tuning, as a researcher reads it.
+
+Load the train and held-out splits (local JSONL or Parquet, chat `messages` or `prompt`/`completion`
+rows), render them with the tokenizer's chat template, mask the loss to the assistant turns, pack
+several examples per row, and send each step's rows to the trainer with the `sft` loss (token-mean
+negative log-likelihood of the masked tokens). Every `evalEvery` steps, and before the first and
+after the last, the trainer's /evaluate gives the held-out loss (a forward pass, no update). The
+weights are exported as an HF checkpoint (config, safetensors, tokenizer: what vLLM loads) at the
+end and every `exportEvery` steps; DCP checkpoints (with the step, for resuming) follow
+spec.checkpoint.
+
+The job needs only a trainer and this controller: spec.roles.generator.replicas and
+spec.roles.reward.replicas are 0.
+
+    python -m apps.sft.main --config apps/sft/tiny.yaml     # or: kubeforge run apps/sft/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from kubeforge.controller import Job
+from kubeforge.trainer.client import TrainerClient
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+from transformers import AutoTokenizer
+
+from apps.sft.data import Example, epochs, load_split, pack, to_batch, tokenize_split
+
+log = logging.getLogger("apps.sft")
+
+
+class Config(BaseModel):
+    """spec.algorithm keys the loop reads (camelCase in YAML); the trainer reads its own (lr, ...)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    seed: int = 0
+    max_length: int = Field(2048, ge=2, description="tokens per packed row; longer examples are cut")
+    rows_per_step: int = Field(8, ge=1, description="packed rows per optimizer step")
+    pack: bool = True  # False: one example per row
+    eval_every: int = Field(50, ge=1)
+    eval_max_examples: int = Field(0, ge=0, description="held-out examples evaluated; 0: all")
+    export_every: int = Field(0, ge=0, description="HF export every N steps; 0: only at the end")
+
+    @classmethod
+    def from_algorithm(cls, algorithm: dict[str, Any]) -> Config:
+        try:
+            return cls.model_validate(algorithm)
+        except ValidationError as e:
+            error = e.errors()[0]
+            field = ".".join(str(p) for p in error["loc"])
+            raise ValueError(f"spec.algorithm.{field}: got {error['input']!r}; {error['msg']}") from None
+
+
+class SFT:
+    """The loop's state: the step is all of it (the data stream is a function of the seed and the step)."""
+
+    def __init__(self, job: Job, cfg: Config, trainer: TrainerClient, pad_id: int):
+        self.job, self.cfg, self.trainer, self.pad_id = job, cfg, trainer, pad_id
+        self.step = 0
+        self.policy_version = 0
+
+    async def evaluate(self, held_out: list[Example]) -> dict[str, Any]:
+        """Token-mean loss over every held-out trained token, in requests of rows_per_step rows."""
+        rows = pack(held_out, self.cfg.max_length) if self.cfg.pack else [[e] for e in held_out]
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(rows), self.cfg.rows_per_step):
+            chunk = rows[start : start + self.cfg.rows_per_step]
+            batch = to_batch(chunk, pad_id=self.pad_id, policy_version=self.policy_version, step=self.step)
+            result = await self.trainer.evaluate(batch)
+            loss_sum += result["loss"] * result["tokens"]
+            tokens += result["tokens"]
+        return {"step": self.step, "eval_loss": loss_sum / tokens, "eval_tokens": tokens}
+
+    async def train(self, rows: list[list[Example]]) -> dict[str, Any]:
+        batch = to_batch(rows, pad_id=self.pad_id, policy_version=self.policy_version, step=self.step + 1)
+        started = time.perf_counter()
+        trained = await self.trainer.train(batch)
+        self.step = trained["step"]
+        self.policy_version = trained["policy_version"]
+        return {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "loss": trained["loss"],
+            "grad_norm": trained["grad_norm"],
+            "tokens": trained["tokens"],
+            "examples": sum(len(row) for row in rows),
+            "packing": batch.input_ids.ne(self.pad_id).sum().item() / batch.input_ids.numel(),
+            "train_seconds": time.perf_counter() - started,
+        }
+
+    async def export(self) -> str:
+        exported = await self.trainer.export(str(self.job.run_dir / "exports" / f"step-{self.step}"))
+        log.info("step %d: HF checkpoint in %s", self.step, exported["path"])
+        return exported["path"]
+
+
+async def main(job: Job) -> None:
+    cfg = Config.from_algorithm(job.spec.algorithm or {})
+    dataset = job.spec.dataset
+    tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cache = str(job.run_dir / "datasets-cache")
+    train, cut = tokenize_split(load_split(dataset.path, dataset.split, cache), tokenizer, cfg.max_length)
+    held_out: list[Example] = []
+    if dataset.eval_split:
+        held_out, _ = tokenize_split(load_split(dataset.path, dataset.eval_split, cache), tokenizer, cfg.max_length)
+        held_out = held_out[: cfg.eval_max_examples or None]
+    log.info("%d train examples (%d cut to %d tokens), %d held out", len(train), cut, cfg.max_length, len(held_out))
+
+    trainer = TrainerClient(job.urls("trainer")[0], token=job.ctx.token)
+    loop = SFT(job, cfg, trainer, pad_id)
+    status = await trainer.status()  # after a restart: the step of the checkpoint the trainer resumed from
+    loop.step, loop.policy_version = status["step"], status["policy_version"]
+    # The stream is deterministic: skip the rows the steps before a resume trained on.
+    stream = epochs(train, cfg.max_length, packed=cfg.pack, seed=cfg.seed)
+    stream = itertools.islice(stream, loop.step * cfg.rows_per_step, None)
+    metrics_path = job.run_dir / "metrics.jsonl"
+    steps = job.spec.steps
+    with metrics_path.open("a") as metrics:
+
+        def record(row: dict[str, Any]) -> None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            job.record(row)
+            log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+        if held_out and loop.step == 0:
+            record(await loop.evaluate(held_out))
+        while loop.step < steps:
+            record(await loop.train([next(stream) for _ in range(cfg.rows_per_step)]))
+            interval = job.spec.checkpoint.interval
+            if interval and loop.step % interval == 0:
+                await trainer.checkpoint()
+            if held_out and (loop.step % cfg.eval_every == 0 or loop.step == steps):
+                record(await loop.evaluate(held_out))
+            if cfg.export_every and loop.step % cfg.export_every == 0 and loop.step < steps:
+                await loop.export()
+    await trainer.checkpoint()
+    await loop.export()
+    await trainer.close()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m apps.sft.main --config FILE [kubeforge run options]`: `kubeforge run FILE` (validation,
+    then the local launcher); this module's `main(job)` then runs inside the controller role."""
+    from kubeforge.cli import main as kubeforge_main
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the RLJob YAML, e.g. apps/sft/tiny.yaml")
+    args, rest = parser.parse_known_args(argv)
+    return kubeforge_main(["run", args.config, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
