@@ -8,12 +8,16 @@ own to within REFERENCE_TOLERANCE (both run the same torchtitan code on the same
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from kubeforge.batch import CONTENT_TYPE
+from kubeforge.batch import CONTENT_TYPE, BatchError
 from kubeforge.reference.client import ReferenceClient, ReferenceError, decode_logprobs
-from test_trainer import AUTH, BAD, GOOD, RoleProcess, make_batch, response_logprobs, role_envs
+from kubeforge.spec import RLJobSpec
+from kubeforge.trainer.engine import Trainer
+from kubeforge.trainer.settings import TrainerSettings
+from test_trainer import AUTH, BAD, GOOD, RoleProcess, make_batch, response_logprobs, role_envs, small_batch
 
 REFERENCE_TOLERANCE = 1e-5
 KL_COEF = 0.1
@@ -27,6 +31,52 @@ def start(process: RoleProcess):
             process.stop()
         raise
     return process
+
+
+def checker(policy_version: int, reference=None, **spec_fields) -> Trainer:
+    """A Trainer with only what `check` reads (no process group, no model): the refusals, fast."""
+    spec = RLJobSpec.model_validate({"model": {"path": "/m"}, **spec_fields})
+    trainer = Trainer.__new__(Trainer)
+    trainer.ctx = SimpleNamespace(spec=spec)
+    trainer.settings = TrainerSettings.from_algorithm(spec.algorithm)
+    trainer.hf_config = {"vocab_size": 128}
+    trainer.model = SimpleNamespace(model_args=SimpleNamespace(max_seq_len=64))
+    trainer.policy_version, trainer.staleness_bound, trainer.reference = policy_version, spec.staleness_bound, reference
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "spec_fields, versions, refused",
+    [
+        ({}, [7, 7, 7, 7, 7], None),  # sync: the current version only
+        (
+            {},
+            [7, 7, 6, 7, 7],
+            "row 2 was sampled by policy version 6, 1 behind the trainer's 7; this job allows at most 0",
+        ),
+        ({"mode": "async"}, [6, 7, 6, 7, 7], None),  # async: maxStaleness 1 by default
+        ({"mode": "async"}, [6, 5, 6, 7, 7], "row 1 was sampled by policy version 5, 2 behind"),
+        ({"mode": "async", "maxStaleness": 3}, [4, 5, 6, 7, 7], None),
+    ],
+)
+def test_the_trainer_refuses_rows_older_than_the_staleness_bound(spec_fields, versions, refused):
+    batch = small_batch(policy_versions=torch.tensor(versions))  # the trainer is at version 7
+    if refused is None:
+        checker(7, **spec_fields).check(batch)
+    else:
+        with pytest.raises(BatchError, match=f"policy_versions: {refused}"):
+            checker(7, **spec_fields).check(batch)
+
+
+def test_the_trainer_refuses_an_unknown_loss_and_a_penalty_without_a_reference():
+    batch = small_batch(policy_versions=torch.tensor([0] * 5), info={"loss": "ppo"})
+    with pytest.raises(BatchError, match="info.loss: got 'ppo'; expected one of 'grpo', 'dr_grpo'"):
+        checker(0).check(batch)
+    penalised = checker(0, algorithm={"klCoef": 0.1})
+    with pytest.raises(BatchError, match="ref_logprobs: missing, and klCoef is 0.1"):
+        penalised.check(small_batch(policy_versions=torch.tensor([0] * 5)))
+    penalised.check(small_batch(policy_versions=torch.tensor([0] * 5), info={"loss": "sft"}))  # no KL in SFT
+    penalised.check(small_batch(policy_versions=torch.tensor([0] * 5), ref_logprobs=torch.zeros(5, 6)))
 
 
 @pytest.fixture(scope="module")
