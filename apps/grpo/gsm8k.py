@@ -31,6 +31,8 @@ def format_prompt(question: str) -> str:
 
 
 class GSM8KTask:
+    """The GRPO loop's task (apps.grpo.task.Task) over GSM8K-style files: formatted prompts, final answers."""
+
     name = "gsm8k"
 
     def __init__(
