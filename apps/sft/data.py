@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ def tokenize(tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]
     return Example(ids, mask)
 
 
-def tokenize_split(dataset: Dataset, tokenizer: Any, max_length: int) -> tuple[list[Example], int]:
+def tokenize_split(dataset: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[Example], int]:
     """Every row as an Example cut to `max_length` tokens; rows left without trained tokens are dropped.
     Returns the examples and how many rows were cut."""
     examples, cut = [], 0
