@@ -55,8 +55,10 @@ def test_task_splits_are_disjoint_and_seeded():
     held_out = {e.prompt for e in task.held_out}
     assert held_out.isdisjoint(e.prompt for e in task.train)
     assert len(held_out) == 32 and len(task.train) == 125 - 32
-    assert [e.prompt for e in task.sample(5)] == [e.prompt for e in CopyTask(seed=3).sample(5)]
-    assert all(e.answer == e.prompt for e in task.sample(20))
+    assert [task.at(p).prompt for p in range(5)] == [CopyTask(seed=3).at(p).prompt for p in range(5)]
+    assert [task.at(p).prompt for p in range(20)] != [CopyTask(seed=4).at(p).prompt for p in range(20)]
+    assert task.at(0, stream="warmup") != task.at(0) or task.at(1, stream="warmup") != task.at(1)
+    assert all(task.at(p).answer == task.at(p).prompt for p in range(20))
 
 
 def test_config_reads_camel_case_algorithm_keys():
@@ -86,8 +88,12 @@ def test_example_job_raises_the_held_out_reward(tmp_path):
     before, after = evals[0]["eval_correctness"], evals[-1]["eval_correctness"]
     print(f"held-out correctness {before:.3f} -> {after:.3f} in {time.monotonic() - started:.0f} s")
     assert after >= before + 0.4, evals
+    last_step = [r for r in rows if "reward_mean" in r][-1]
     for key in ("generate_seconds", "reward_seconds", "train_seconds", "sync_seconds", "policy_version"):
-        assert key in rows[-1]
+        assert key in last_step
+    assert (run_dir / "reward.png").read_bytes().startswith(b"\x89PNG")
+    ledger = json.loads((run_dir / "episodes.json").read_text())
+    assert ledger["counts"]["trained"] == 40 * 16 * 8  # steps x prompts x group: every episode trained once
 
 
 def test_warmup_batch_is_the_answer_then_eos_with_zero_behaviour_logprobs(tmp_path):

@@ -174,3 +174,31 @@ def test_a_raising_reward_is_an_error_response_not_a_number(reward_role):
 
 def test_registry_holds_the_example_task_rewards():
     assert {"correctness", "format", "exact"} <= set(REGISTRY)
+
+
+def test_a_dead_replica_is_skipped_with_backoff_and_the_batch_still_scored(reward_role):
+    url = reward_role([{"name": "correctness"}])
+    with socket.socket() as s:  # a port nobody listens on: a killed replica
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def call():
+        async with RewardClient([dead, url], backoff=(0.05, 0.1)) as client:
+            out = await client.score("copy", [{"prompt": "ab", "completion": "ab", "answer": "ab"}])
+            return out, client.retries
+
+    out, retries = asyncio.run(call())
+    assert out["rewards"] == [1.0] and retries == 1
+
+
+def test_a_batch_no_replica_can_score_fails_once_the_retry_time_is_spent():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def call():
+        async with RewardClient([dead], retry_seconds=0.5, backoff=(0.1, 0.2)) as client:
+            await client.score("copy", [{"prompt": "a", "completion": "a", "answer": "a"}])
+
+    with pytest.raises(RewardError, match=r"no reward replica scored the batch within 0 s: ConnectError"):
+        asyncio.run(call())

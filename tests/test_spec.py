@@ -197,3 +197,14 @@ def test_missing_file_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError) as raised:
         load_file(tmp_path / "nope.yaml")
     assert "cannot read the file" in raised.value.problems[0]
+
+
+def test_a_role_that_reported_its_own_error_or_ran_out_of_memory_fails_the_job(minimal_job):
+    policy = parse_job(minimal_job).spec.failure_policy
+    assert policy.action_for("generator", exit_code=137) == "RestartPod"  # killed: replace it
+    assert policy.action_for("generator", exit_code=1, role_error=True) == "FailJob"  # it raised: it would again
+    assert policy.action_for("trainer", exit_code=137, reason="OOMKilled") == "FailJob"
+    rule = {"role": "generator", "action": "RestartPod", "onExitCodes": [1]}
+    minimal_job["spec"]["failurePolicy"] = {"rules": [rule]}
+    explicit = parse_job(minimal_job).spec.failure_policy
+    assert explicit.action_for("generator", exit_code=1, role_error=True) == "RestartPod"  # named: the user's call

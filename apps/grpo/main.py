@@ -1,9 +1,19 @@
 """GRPO: the RL loop, as a researcher reads it.
 
-Each step: sample prompts, generate `groupSize` completions per prompt on the generators, score
-them with the reward role, normalise rewards within each group (the advantages), train one step
-on the trainer, publish the new weights to the generators. Every `evalEvery` steps, greedy
-completions of the held-out split give the held-out reward.
+Each step: take the next prompts of the data stream, generate `groupSize` completions per
+prompt on the generators, score them with the reward role, normalise rewards within each group
+(the advantages), train one step on the trainer, publish the new weights to the generators.
+Every `evalEvery` steps, greedy completions of the held-out split give the held-out reward.
+
+spec.mode sync runs those stages one after the other. spec.mode async generates the next
+batches while the trainer trains, at most spec.maxStaleness policy versions behind it: the
+producer below waits until the trainer is close enough, and a sample that is still too old
+when its batch reaches the trainer is dropped, never trained on. With maxStaleness 0 the two
+modes are the same loop.
+
+Every completion is an episode in a ledger (kubeforge.episodes). The ledger, the data-stream
+position and the step are saved with each checkpoint; a restarted controller or trainer resumes
+from there (and the generators get the trainer's restored weights before generating again).
 
     python -m apps.grpo.main --config apps/grpo/tiny.yaml     # or: kubeforge run apps/grpo/tiny.yaml
 """
@@ -17,18 +27,19 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import httpx
 import torch
-from kubeforge.batch import CONTENT_TYPE, TrainBatch
+from kubeforge.batch import TrainBatch
 from kubeforge.controller import Job
-from kubeforge.generator.wire import GeneratorClient
+from kubeforge.controller.generators import GeneratorPool
+from kubeforge.episodes import EpisodeId, Ledger, State
 from kubeforge.rewards import RewardClient
+from kubeforge.trainer.client import TrainerClient
 from transformers import AutoTokenizer
 
-from apps.grpo.task import CopyTask, Example
+from apps.grpo.task import CopyTask, Example, Task
 
 log = logging.getLogger("apps.grpo")
 
@@ -43,7 +54,7 @@ class Config:
     temperature: float = 1.0  # the trainer reads the same key: its logprobs must match the sampling
     eval_every: int = 10
     warmup_steps: int = 0  # supervised steps on the train split before RL (see `warmup_batch`)
-    max_new_tokens: int = 0  # 0: the answer's length + 2 (room to stop or overrun)
+    max_new_tokens: int = 0  # 0: the task's own
 
     @classmethod
     def from_algorithm(cls, algorithm: dict[str, Any]) -> Config:
@@ -72,6 +83,22 @@ class Rollouts:
     policy_versions: list[int]
     completions: list[str]
 
+    def select(self, rows: Sequence[int]) -> Rollouts:
+        return Rollouts(*([getattr(self, f.name)[i] for i in rows] for f in fields(self)))
+
+
+@dataclass
+class Batch:
+    """A step's worth of scored rollouts on its way to the trainer."""
+
+    episodes: list[EpisodeId]  # one per row
+    rollouts: Rollouts
+    rewards: list[float]
+    components: dict[str, list[float]]
+    advantages: list[float]
+    end_position: int  # the stream position after this batch's prompts
+    seconds: dict[str, float] = field(default_factory=dict)
+
 
 def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> list[float]:
     """GRPO advantages: each reward minus its group's mean, over the group's std.
@@ -96,9 +123,9 @@ def build_batch(rollouts: Rollouts, advantages: Sequence[float], step: int) -> T
 
 
 class Policy:
-    """The generators, seen as one policy: prompts are split across replicas and sampled concurrently."""
+    """The generators, seen as one policy: prompts are split across live replicas and sampled concurrently."""
 
-    def __init__(self, generators: list[GeneratorClient], tokenizer: Any):
+    def __init__(self, generators: GeneratorPool | None, tokenizer: Any):
         self.generators, self.tokenizer = generators, tokenizer
 
     def encode(self, example: Example) -> list[int]:
@@ -110,16 +137,9 @@ class Policy:
         self, examples: list[Example], *, n: int, max_tokens: int, temperature: float, seed: int
     ) -> Rollouts:
         prompts = [self.encode(e) for e in examples]
-        share = -(-len(prompts) // len(self.generators))  # ceil: one contiguous share per replica
-        chunks = [(g, i) for g, i in zip(self.generators, range(0, len(prompts), share), strict=False)]
-        generations = await asyncio.gather(
-            *(
-                g.generate(prompts[i : i + share], n=n, max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-                for g, i in chunks
-            )  # fmt: skip
-        )
+        shares = await self.generators.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
         out = Rollouts([], [], [], [], [], [])
-        for (_, start), generation in zip(chunks, generations, strict=True):
+        for start, generation in shares:
             for k, (ids, lps) in enumerate(generation.samples()):
                 p = start + generation.prompt_index[k]
                 out.examples.append(examples[p])
@@ -169,146 +189,297 @@ def score_items(rollouts: Rollouts) -> list[dict[str, str]]:
     ]
 
 
-async def evaluate(policy: Policy, rewards: RewardClient, task: CopyTask, max_tokens: int) -> dict[str, float]:
-    """Mean reward (and each component) of greedy completions on the held-out split."""
-    rollouts = await policy.rollouts(task.held_out, n=1, max_tokens=max_tokens, temperature=0.0, seed=0)
-    scores = await rewards.score(task.name, score_items(rollouts))
-    means = {f"eval_{name}": sum(v) / len(v) for name, v in scores["components"].items()}
-    return {"eval_reward": sum(scores["rewards"]) / len(scores["rewards"]), **means}
+class GRPO:
+    """The loop's state: what a checkpoint saves and a resume restores."""
 
+    def __init__(
+        self, job: Job, cfg: Config, task: Task, policy: Policy, rewards: RewardClient, trainer: TrainerClient
+    ):
+        self.job, self.cfg, self.task = job, cfg, task
+        self.policy, self.rewards, self.trainer = policy, rewards, trainer
+        self.max_tokens = cfg.max_new_tokens or task.max_new_tokens
+        self.staleness = job.spec.staleness_bound
+        self.ledger = Ledger()
+        self.step = 0  # RL steps trained
+        self.position = 0  # the next prompt position of the data stream to generate
+        self.trained_position = 0  # the stream position every trained batch lies below
+        self.warmed_up = False
+        self.policy_version = 0  # the trainer's, after the last publish
+        self.published_step = 0  # the RL step whose weights the generators hold
+        self.history: list[dict[str, Any]] = []
+        self._published = asyncio.Condition()
+        self._last_step_end = time.perf_counter()
+        self._evals: set[asyncio.Task[None]] = set()
 
-class Trainer:
-    """The trainer's HTTP API (global rank 0)."""
+    # -- checkpoint and resume ---------------------------------------------------------------
 
-    def __init__(self, url: str, token: str):
-        self.http = httpx.AsyncClient(base_url=url, timeout=600.0, headers={"Authorization": f"Bearer {token}"})
+    def app_state(self) -> dict[str, Any]:
+        """The loop's state as of the last trained batch; episodes not yet trained are left out and
+        generated again on resume (the buffer's rule: regenerate, never restore half-done work)."""
+        saved = Ledger.from_json(self.ledger.to_json())
+        saved.rewind()
+        return {
+            "step": self.step,
+            "position": self.trained_position,
+            "warmed_up": self.warmed_up,
+            "ledger": saved.to_json(),
+            "seed": self.cfg.seed,
+        }
 
-    async def _post(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        reply = await self.http.post(path, **kwargs)
-        if reply.status_code != 200:
-            raise RuntimeError(f"trainer {path}: HTTP {reply.status_code} {reply.text[:500]}")
-        return reply.json()
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.position = self.trained_position = int(state["position"])
+        self.warmed_up = bool(state["warmed_up"])
+        self.ledger = Ledger.from_json(state["ledger"])
 
-    async def train(self, batch: TrainBatch) -> dict[str, Any]:
-        return await self._post("/train", content=batch.encode(), headers={"Content-Type": CONTENT_TYPE})
+    async def checkpoint(self) -> None:
+        saved = await self.trainer.checkpoint(self.app_state())
+        log.info("checkpoint at step %d: %s", self.step, saved["path"])
 
-    async def publish(self) -> dict[str, Any]:
-        return await self._post("/weights/publish", json={})
+    # -- stages ------------------------------------------------------------------------------
 
-    async def checkpoint(self, app_state: dict[str, Any]) -> dict[str, Any]:
-        return await self._post("/checkpoint", json={"app_state": app_state})
+    async def evaluate(self) -> dict[str, Any]:
+        """Mean reward (and each component) of greedy completions on the held-out split."""
+        version = self.policy_version
+        rollouts = await self.policy.rollouts(
+            self.task.held_out, n=1, max_tokens=self.max_tokens, temperature=0.0, seed=0
+        )
+        scores = await self.rewards.score(self.task.name, score_items(rollouts))
+        means = {f"eval_{name}": sum(v) / len(v) for name, v in scores["components"].items()}
+        return {"eval_reward": sum(scores["rewards"]) / len(scores["rewards"]), "eval_policy_version": version, **means}
+
+    async def warmup(self) -> dict[str, Any]:
+        """Supervised warm-up so that RL starts from a policy with some reward; logged as step 0."""
+        size = self.cfg.prompts_per_step * self.cfg.group_size
+        for i in range(self.cfg.warmup_steps):
+            examples = [self.task.at(i * size + k, stream="warmup") for k in range(size)]
+            trained = await self.trainer.train(warmup_batch(self.policy, examples, version=i))
+        await self.publish()
+        self.warmed_up = True
+        row = {"step": 0, "warmup_steps": self.cfg.warmup_steps, "warmup_loss": trained["loss"],
+               "policy_version": self.policy_version, **await self.evaluate()}  # fmt: skip
+        log.info("after %d warm-up steps: held-out reward %.3f", self.cfg.warmup_steps, row["eval_reward"])
+        return row
+
+    async def publish(self) -> float:
+        """Send the trainer's weights to the generators; the seconds it took."""
+        started = time.perf_counter()
+        published = await self.policy.generators.publish()
+        async with self._published:
+            self.policy_version = published["policy_version"]
+            self.published_step = self.step
+            self._published.notify_all()
+        return time.perf_counter() - started
+
+    async def produce(self, step: int) -> Batch:
+        """Generate and score the batch that RL step `step` trains on."""
+        cfg = self.cfg
+        # Async: start once the trainer is at most `staleness` steps from the version this batch
+        # is trained against; sync (staleness 0): once the previous step's weights are out.
+        async with self._published:
+            await self._published.wait_for(lambda: self.published_step >= step - 1 - self.staleness)
+        start = self.position
+        self.position += cfg.prompts_per_step
+        examples = [self.task.at(p) for p in range(start, self.position)]
+        episodes = [e for p in range(start, self.position) for e in self.ledger.open(p, cfg.group_size)]
+        t0 = time.perf_counter()
+        rollouts = await self.policy.rollouts(examples, n=cfg.group_size, max_tokens=self.max_tokens,
+                                              temperature=cfg.temperature, seed=cfg.seed * 100_003 + start)  # fmt: skip
+        t1 = time.perf_counter()
+        scores = await self.rewards.score(self.task.name, score_items(rollouts))
+        t2 = time.perf_counter()
+        self.ledger.move(episodes, State.SCORED, versions=rollouts.policy_versions)
+        self.ledger.move(episodes, State.BUFFERED)
+        return Batch(
+            episodes=episodes,
+            rollouts=rollouts,
+            rewards=scores["rewards"],
+            components=scores["components"],
+            advantages=group_advantages(scores["rewards"], cfg.group_size),
+            end_position=self.position,
+            seconds={"generate_seconds": t1 - t0, "reward_seconds": t2 - t1},
+        )
+
+    async def train(self, batch: Batch) -> dict[str, Any]:
+        """Train RL step `self.step + 1` on `batch` (its too-stale rows dropped) and publish."""
+        versions = batch.rollouts.policy_versions
+        staleness = self.policy_version - min(versions)  # versions behind the weights it trains
+        oldest = self.policy_version - self.staleness
+        fresh = [i for i, v in enumerate(batch.rollouts.policy_versions) if v >= oldest]
+        stale = [batch.episodes[i] for i in range(len(batch.episodes)) if i not in set(fresh)]
+        if stale:
+            log.warning("dropping %d samples older than policy version %d", len(stale), oldest)
+            self.ledger.move(stale, State.DROPPED_STALE)
+        t0 = time.perf_counter()
+        trained = {"loss": None, "grad_norm": None, "ratio_mean": None}
+        if fresh:
+            rollouts = batch.rollouts.select(fresh)
+            trained = await self.trainer.train(
+                build_batch(rollouts, [batch.advantages[i] for i in fresh], self.step + 1)
+            )
+            self.ledger.move([batch.episodes[i] for i in fresh], State.TRAINED)
+        t1 = time.perf_counter()
+        self.step += 1
+        self.trained_position = batch.end_position
+        if self.job.spec.checkpoint.interval and self.step % self.job.spec.checkpoint.interval == 0:
+            await self.checkpoint()
+        sync_seconds = await self.publish()
+        now = time.perf_counter()
+        step_seconds, self._last_step_end = now - self._last_step_end, now
+        n = len(batch.rewards)
+        return {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "reward_mean": sum(batch.rewards) / n,
+            **{f"{name}_mean": sum(v) / n for name, v in batch.components.items()},
+            "loss": trained["loss"],
+            "grad_norm": trained["grad_norm"],
+            "ratio_mean": trained["ratio_mean"],
+            **batch.seconds,
+            "train_seconds": t1 - t0,
+            "sync_seconds": sync_seconds,
+            "step_seconds": step_seconds,  # since the previous step ended: what async overlapping shortens
+            "staleness_max": staleness,
+            "dropped_stale": len(stale),
+            "episodes": self.ledger.counts(),
+            "sample": f"{batch.rollouts.examples[0].prompt!r} -> {batch.rollouts.completions[0]!r}",
+        }
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, metrics: Any) -> None:
+        """RL steps `self.step + 1 .. spec.steps`: a producer runs ahead by up to `staleness` batches."""
+        steps = self.job.spec.steps
+        queue: asyncio.Queue[Batch] = asyncio.Queue()
+
+        async def producer() -> None:
+            for step in range(self.step + 1, steps + 1):
+                await queue.put(await self.produce(step))
+
+        producing = asyncio.create_task(producer())
+        self._last_step_end = time.perf_counter()
+        try:
+            while self.step < steps:
+                getting = asyncio.create_task(queue.get())
+                await asyncio.wait({getting, producing}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():  # the producer failed: its error is the job's
+                    getting.cancel()
+                    producing.result()
+                batch = getting.result()
+                row = await self.train(batch)
+                row["buffer_depth"] = queue.qsize()
+                self.record(metrics, row)
+                if self.step % self.cfg.eval_every == 0 or self.step == steps:
+                    await self.start_eval(metrics, self.step)
+            await asyncio.gather(*self._evals)
+        finally:
+            producing.cancel()
+
+    async def start_eval(self, metrics: Any, step: int) -> None:
+        """Held-out evaluation: inline in sync mode, alongside training in async mode."""
+
+        async def evaluate() -> None:
+            self.record(metrics, {"step": step, **await self.evaluate()})
+
+        if not self.staleness:
+            return await evaluate()
+        task = asyncio.create_task(evaluate())
+        self._evals.add(task)
+        task.add_done_callback(self._evals.discard)
+
+    def record(self, metrics: Any, row: dict[str, Any]) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        self.history.append(row)
+        log_step(row)
+        if "reward_mean" in row:
+            self.job.report(row["step"], policy_version=row["policy_version"], reward_mean=row["reward_mean"],
+                            weight_sync_seconds=row["sync_seconds"])  # fmt: skip
 
 
 async def main(job: Job) -> None:
     cfg = Config.from_algorithm(job.spec.algorithm or {})
     task = CopyTask(seed=cfg.seed)
-    max_tokens = cfg.max_new_tokens or task.length + 2
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
-    policy = Policy([GeneratorClient(u, token=job.ctx.token) for u in job.urls("generator")], tokenizer)
+    trainer = TrainerClient(job.urls("trainer")[0], token=job.ctx.token)
+    policy = Policy(GeneratorPool(job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
     rewards = RewardClient(job.urls("reward"), token=job.ctx.token)
-    trainer = Trainer(job.urls("trainer")[0], job.ctx.token)
+    loop = GRPO(job, cfg, task, policy, rewards, trainer)
     metrics_path = job.run_dir / "metrics.jsonl"
     started = time.monotonic()
 
-    history = [{"step": 0, **await evaluate(policy, rewards, task, max_tokens)}]
-    log.info("step 0: held-out reward %.3f", history[0]["eval_reward"])
-    with metrics_path.open("w") as metrics:
-        metrics.write(json.dumps(history[0]) + "\n")
-        if cfg.warmup_steps:
-            history.append(await warmup(cfg, task, policy, rewards, trainer, max_tokens))
-            metrics.write(json.dumps(history[-1]) + "\n")
-        for step in range(1, job.spec.steps + 1):
-            row = await grpo_step(step, cfg, task, policy, rewards, trainer, max_tokens)
-            if step % cfg.eval_every == 0 or step == job.spec.steps:
-                row.update(await evaluate(policy, rewards, task, max_tokens))
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            history.append(row)
-            log_step(row)
-            job.report(step, policy_version=row["policy_version"], reward_mean=row["reward_mean"],
-                       weight_sync_seconds=row["sync_seconds"])  # fmt: skip
-    await trainer.checkpoint({"step": job.spec.steps, "seed": cfg.seed})
-    columns = {"before": history[0]}
-    if cfg.warmup_steps:
-        columns["after warm-up"] = history[1]
-    columns[f"after {job.spec.steps} steps"] = history[-1]
-    print_summary(columns, time.monotonic() - started)
-    plot(history, job.run_dir / "reward.png")
+    saved = (await trainer.status()).get("app_state")
+    if saved:
+        loop.restore(saved)
+        log.info("resuming at step %d (stream position %d, episodes %s)", loop.step, loop.position,
+                 loop.ledger.counts())  # fmt: skip
+        # Rows after the checkpoint are done again: keep the file to the checkpoint's steps.
+        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= loop.step]
+        metrics_path.write_text("".join(kept))
+        loop.history = [json.loads(line) for line in kept]
+        await loop.publish()  # the generators may hold newer weights than the restored ones
+    with metrics_path.open("a") as metrics:
+        if not saved:
+            await loop.publish()
+            loop.record(metrics, {"step": 0, **await loop.evaluate()})
+            if cfg.warmup_steps:
+                loop.record(metrics, await loop.warmup())
+            await loop.checkpoint()
+        await loop.run(metrics)
+    await loop.checkpoint()
+    write_summary(job, cfg, loop.history, time.monotonic() - started)
+    (job.run_dir / "episodes.json").write_text(json.dumps(loop.ledger.to_json()))
+    await policy.generators.close()
 
 
-async def warmup(cfg: Config, task: CopyTask, policy: Policy, rewards: RewardClient, trainer: Trainer,
-                 max_tokens: int) -> dict[str, Any]:  # fmt: skip
-    """Supervised warm-up so that RL starts from a policy with some reward; logged as step 0."""
-    size = cfg.prompts_per_step * cfg.group_size
-    for i in range(cfg.warmup_steps):
-        trained = await trainer.train(warmup_batch(policy, task.sample(size), version=i))
-    published = await trainer.publish()
-    held_out = await evaluate(policy, rewards, task, max_tokens)
-    row = {"step": 0, "warmup_steps": cfg.warmup_steps, "warmup_loss": trained["loss"],
-           "policy_version": published["policy_version"], **held_out}  # fmt: skip
-    log.info("after %d warm-up steps: held-out reward %.3f", cfg.warmup_steps, row["eval_reward"])
-    return row
-
-
-async def grpo_step(step: int, cfg: Config, task: CopyTask, policy: Policy, rewards: RewardClient,
-                    trainer: Trainer, max_tokens: int) -> dict[str, Any]:  # fmt: skip
-    t0 = time.perf_counter()
-    examples = task.sample(cfg.prompts_per_step)
-    rollouts = await policy.rollouts(
-        examples, n=cfg.group_size, max_tokens=max_tokens, temperature=cfg.temperature, seed=cfg.seed * 100_003 + step
-    )
-    t1 = time.perf_counter()
-    scores = await rewards.score(task.name, score_items(rollouts))
-    t2 = time.perf_counter()
-    advantages = group_advantages(scores["rewards"], cfg.group_size)
-    trained = await trainer.train(build_batch(rollouts, advantages, step))
-    t3 = time.perf_counter()
-    published = await trainer.publish()
-    t4 = time.perf_counter()
-    n = len(scores["rewards"])
-    return {
-        "step": step,
-        "policy_version": published["policy_version"],
-        "reward_mean": sum(scores["rewards"]) / n,
-        **{f"{name}_mean": sum(v) / n for name, v in scores["components"].items()},
-        "loss": trained["loss"],
-        "grad_norm": trained["grad_norm"],
-        "ratio_mean": trained["ratio_mean"],
-        "generate_seconds": t1 - t0,
-        "reward_seconds": t2 - t1,
-        "train_seconds": t3 - t2,
-        "sync_seconds": t4 - t3,
-        "sample": f"{rollouts.examples[0].prompt!r} -> {rollouts.completions[0]!r}",
-    }
+def _read_lines(path: Any) -> list[str]:
+    try:
+        return path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return []
 
 
 def log_step(row: dict[str, Any]) -> None:
-    held_out = f" held-out {row['eval_reward']:.3f}" if "eval_reward" in row else ""
+    if "reward_mean" not in row:
+        if "eval_reward" in row:
+            log.info("step %d: held-out reward %.3f (policy v%d)", row["step"], row["eval_reward"],
+                     row["eval_policy_version"])  # fmt: skip
+        return
     log.info(
-        "step %d v%d: reward %.3f%s | generate %.2fs reward %.2fs train %.2fs sync %.2fs | %s",
-        row["step"], row["policy_version"], row["reward_mean"], held_out, row["generate_seconds"],
+        "step %d v%d: reward %.3f | generate %.2fs reward %.2fs train %.2fs sync %.2fs | %s",
+        row["step"], row["policy_version"], row["reward_mean"], row["generate_seconds"],
         row["reward_seconds"], row["train_seconds"], row["sync_seconds"], row["sample"],
     )  # fmt: skip
 
 
+def write_summary(job: Job, cfg: Config, history: list[dict[str, Any]], seconds: float) -> None:
+    """A table of held-out rewards (before, after warm-up, after RL) and the reward curve."""
+    evals = [r for r in history if "eval_reward" in r]
+    columns = {"before": evals[0]} if evals and evals[0]["step"] == 0 else {}
+    if cfg.warmup_steps and len(evals) > 1 and evals[1]["step"] == 0:
+        columns["after warm-up"] = evals[1]
+    if evals:
+        columns[f"after {evals[-1]['step']} steps"] = evals[-1]
+    if columns:
+        print_summary(columns, seconds)
+    plot(history, job.run_dir / "reward.png")
+
+
 def print_summary(columns: dict[str, dict[str, float]], seconds: float) -> None:
     """A table of held-out rewards: one column per stage (before, after warm-up, after RL)."""
-    keys = [k for k in next(iter(columns.values())) if k.startswith("eval_")]
+    keys = [k for k in next(iter(columns.values())) if k.startswith("eval_") and k != "eval_policy_version"]
     lines = [f"{'held-out':<16}" + "".join(f"{name:>16}" for name in columns)]
-    lines += [f"{k[5:]:<16}" + "".join(f"{c[k]:>16.3f}" for c in columns.values()) for k in keys]
+    lines += [f"{k[5:]:<16}" + "".join(f"{c.get(k, float('nan')):>16.3f}" for c in columns.values()) for k in keys]
     lines.append(f"wall time {seconds:.0f} s")
     log.info("summary:\n%s", "\n".join(lines))
 
 
 def plot(history: list[dict[str, Any]], path: Any) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no reward curve (metrics.jsonl has the numbers)")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     train = [r for r in history if "reward_mean" in r]
     evals = [r for r in history if "eval_reward" in r]
     fig, ax = plt.subplots(figsize=(6, 4))

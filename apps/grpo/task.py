@@ -9,12 +9,23 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str  # the user message
     answer: str
+
+
+class Task(Protocol):
+    """What the GRPO loop needs of a task: training examples by stream position, a held-out split."""
+
+    name: str  # the reward role's task name
+    held_out: list[Example]
+    max_new_tokens: int  # room for an answer, and to overrun it
+
+    def at(self, position: int, stream: str = "rl") -> Example: ...
 
 
 class CopyTask:
@@ -29,12 +40,13 @@ class CopyTask:
         self.train = [self._example(w) for w in every[held_out:]]
         if not self.train:
             raise ValueError(f"task: {len(every)} distinct strings leave none for training after {held_out} held out")
-        self._rng = random.Random(seed + 1)
+        self.seed = seed
+        self.max_new_tokens = length + 2  # the answer, then room to stop or overrun
 
     @staticmethod
     def _example(word: str) -> Example:
         return Example(prompt=word, answer=word)
 
-    def sample(self, count: int) -> list[Example]:
-        """`count` training examples, drawn with the task's own seeded generator."""
-        return [self._rng.choice(self.train) for _ in range(count)]
+    def at(self, position: int, stream: str = "rl") -> Example:
+        """The training example at `position` of a seeded stream: the same on every run and resume."""
+        return random.Random(f"{self.seed}/{stream}/{position}").choice(self.train)

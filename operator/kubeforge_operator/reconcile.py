@@ -79,6 +79,11 @@ class PodView:
         return view
 
     @property
+    def reported_error(self) -> bool:
+        """The role exited saying what went wrong (it raised): restarting would repeat it."""
+        return bool(_last_words(self.message).get("error"))
+
+    @property
     def failed(self) -> bool:
         # A role other than the controller never finishes on its own: exiting at all is a failure.
         return self.phase == "Failed" or (self.phase == "Succeeded" and self.instance.role != "controller")
@@ -261,7 +266,9 @@ class Reconciler:
         if not failed:
             return False
         policy = spec.failure_policy
-        actions = [(p, policy.action_for(p.instance.role, p.exit_code, p.reason)) for p in failed]
+        actions = [
+            (p, policy.action_for(p.instance.role, p.exit_code, p.reason, role_error=p.reported_error)) for p in failed
+        ]
         fatal = next(((p, a) for p, a in actions if a == "FailJob"), None)
         if fatal:
             self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])

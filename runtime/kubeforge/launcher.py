@@ -3,7 +3,12 @@
 It gives each process exactly the environment the operator gives a pod (kubeforge.contract),
 with peers on 127.0.0.1 ports, streams each role's log with a prefix, waits for every /readyz,
 shows the controller's progress, and stops every process it started when the job ends, when a
-role fails, or on Ctrl-C. The exit code says how the job ended.
+role fails for good, or on Ctrl-C. The exit code says how the job ended.
+
+A role that dies is handled by spec.failurePolicy, as the operator handles a lost pod:
+RestartPod starts that process again alone; RestartFromCheckpoint starts the trainer group and
+the controller again (they resume from the last checkpoint); FailJob, or a spent restart
+budget, ends the job with the role's error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,6 +208,7 @@ class Launcher:
         self.roles: list[Role] = []
         self.status = RLJobStatus(phase="Pending")
         self._urls: dict[Instance, str] = {}
+        self._envs: dict[Instance, dict[str, str]] = {}
         self._print_lock = threading.Lock()
         self._echo_roles = True
         self._threads: list[threading.Thread] = []
@@ -248,34 +254,76 @@ class Launcher:
         return envs
 
     def start(self, envs: dict[Instance, dict[str, str]]) -> None:
+        self._envs = envs
+        for inst in envs:
+            self.roles.append(self._spawn(inst))
         run_dir = self.options.run_dir.resolve()
-        # Apps live next to the spec's project; keep the user's working directory importable.
-        pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-        for n, (inst, env) in enumerate(envs.items()):
-            log_path = run_dir / "logs" / f"{inst.name}.log"
-            log_path.write_bytes(b"")
-            process = subprocess.Popen(
-                contract.role_command(inst.role, python=sys.executable),
-                env={**os.environ, **env, "PYTHONPATH": pythonpath},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: stop() reaches torchrun's workers too
-                preexec_fn=_die_with_launcher,
-            )
-            role = Role(inst, self._urls[inst], process, log_path)
-            self.roles.append(role)
-            thread = threading.Thread(
-                target=self._pump, args=(role, process.stdout, _COLORS[n % len(_COLORS)]), daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
         self.say(
             f"started {len(self.roles)} processes for job {self.job.name}: "
             + ", ".join(r.name for r in self.roles)
             + f" (logs in {run_dir / 'logs'})"
         )
         self._set_phase("Starting")
+
+    def _spawn(self, inst: Instance) -> Role:
+        """Start `inst`'s process; its log file is appended to, so a restart keeps the earlier lines."""
+        log_path = self.options.run_dir.resolve() / "logs" / f"{inst.name}.log"
+        # Last words of an earlier process (or run) in this directory must not be read as this one's.
+        log_path.with_name(f"{inst.name}.termination.json").unlink(missing_ok=True)
+        # Apps live next to the spec's project; keep the user's working directory importable.
+        pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        process = subprocess.Popen(
+            contract.role_command(inst.role, python=sys.executable),
+            env={**os.environ, **self._envs[inst], "PYTHONPATH": pythonpath},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() reaches torchrun's workers too
+            preexec_fn=_die_with_launcher,
+        )
+        role = Role(inst, self._urls[inst], process, log_path)
+        color = _COLORS[list(self._envs).index(inst) % len(_COLORS)]
+        thread = threading.Thread(target=self._pump, args=(role, process.stdout, color), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return role
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def recover(self, failed: Role) -> None:
+        """Apply spec.failurePolicy to `failed`: restart what the rule says, or raise LaunchError."""
+        policy = self.job.spec.failure_policy
+        code = failed.process.returncode
+        # Exit codes as a container reports them: 128 + N for a process killed by signal N.
+        exit_code = 128 - code if code < 0 else code
+        role_error = bool(self._last_words(failed).get("error"))
+        action = policy.action_for(failed.instance.role, exit_code=exit_code, reason="Error", role_error=role_error)
+        if action == "FailJob":
+            self._raise_exited(failed)
+        if self.status.restarts >= policy.max_restarts:
+            self.say(f"restart budget spent ({policy.max_restarts}, failurePolicy.maxRestarts)")
+            self._raise_exited(failed)
+        if action == "RestartPod":
+            restart = [failed]
+        else:  # RestartFromCheckpoint: the training state lives in the trainer group and the controller
+            restart = [r for r in self.roles if r.instance.role in ("trainer", "controller")]
+        self.say(f"{failed.name} {self._how(failed)}; {action}: restarting {', '.join(r.name for r in restart)}")
+        self._stop_roles(r for r in restart if r is not failed)
+        _signal_group(failed.process, signal.SIGKILL)  # what the dead role left behind in its group
+        failed.process.wait()
+        self.status.restarts += 1
+        by_role, by_instance = self.status.restarts_by_role, self.status.restarts_by_instance
+        by_role[failed.instance.role] = by_role.get(failed.instance.role, 0) + 1
+        by_instance[failed.name] = by_instance.get(failed.name, 0) + 1
+        for role in restart:
+            self.roles[self.roles.index(role)] = self._spawn(role.instance)
+        self._set_phase("Restarting", f"{failed.name} {self._how(failed)}")
+
+    def _how(self, role: Role) -> str:
+        code = role.process.returncode
+        if code is not None and code < 0:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        return "exited before the job finished" if code == 0 else f"exited with code {code}"
 
     # -- watch -------------------------------------------------------------------------------
 
@@ -291,10 +339,7 @@ class Launcher:
         return None
 
     def _raise_exited(self, role: Role) -> None:
-        code = role.process.returncode
-        how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        if code == 0:
-            how = "exited before the job finished"
+        how = self._how(role)
         error = self._last_words(role).get("error")
         if error:
             how += f" ({error})"
@@ -346,7 +391,11 @@ class Launcher:
         while True:
             failed = self._failed_role()
             if failed:
-                self._raise_exited(failed)
+                self.recover(failed)
+                controller = next(r for r in self.roles if r.instance.role == "controller")
+                continue
+            if self.status.phase == "Restarting" and all(r.process.poll() is None for r in self.roles):
+                self._set_phase("Running")
             if controller.process.poll() == 0:
                 final = self._last_words(controller).get("progress")
                 if final is not None:
@@ -396,6 +445,16 @@ class Launcher:
             # Shutdown chatter (torchrun prints a traceback on SIGTERM) goes to the log files only.
             self._echo_roles = False
             self.say(f"stopping {len(alive)} role{'s' * (len(alive) > 1)}")
+        self._stop_roles(reversed(self.roles))
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._count_ready()
+
+    def _stop_roles(self, roles: Iterable[Role]) -> None:
+        """SIGTERM each role's process group, then SIGKILL what outlives the grace (and what a role
+        left behind in its group, such as torchrun's workers)."""
+        roles = list(roles)
+        alive = [r for r in roles if r.process.poll() is None]
         for role in alive:
             _signal_group(role.process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
@@ -404,13 +463,9 @@ class Launcher:
                 role.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.say(f"{role.name} did not stop within {STOP_GRACE_SECONDS:.0f} s; killing it")
-        for role in self.roles:
-            # Also reaps children a role left behind in its group (torchrun's workers).
+        for role in roles:
             _signal_group(role.process, signal.SIGKILL)
             role.process.wait()
-        for thread in self._threads:
-            thread.join(timeout=2.0)
-        self._count_ready()
 
     # -- status ------------------------------------------------------------------------------
 

@@ -310,20 +310,32 @@ DEFAULT_FAILURE_RULES = [
 ]
 
 
+# A role that failed on its own error (it raised and said so in its termination message) or ran
+# out of memory would fail again the same way: only a rule naming its exit code or reason restarts it.
+PERMANENT_REASONS = frozenset({"OOMKilled"})
+
+
 class FailurePolicy(Model):
     max_restarts: int = Field(3, ge=0, description="Restart budget for the whole job.")
     rules: list[FailureRule] = Field(
         default_factory=lambda: list(DEFAULT_FAILURE_RULES),
-        description="First match wins; a role no rule matches fails the job.",
+        description="First match wins; a role no rule matches fails the job. A role that reported its own "
+        "error or was OOMKilled is matched only by rules that name its exit code or reason.",
     )
 
-    def action_for(self, role: str, exit_code: int | None = None, reason: str | None = None) -> FailureAction:
+    def action_for(
+        self, role: str, exit_code: int | None = None, reason: str | None = None, *, role_error: bool = False
+    ) -> FailureAction:
+        """What to do about a failed `role`; `role_error`: it exited reporting an error of its own."""
+        permanent = role_error or reason in PERMANENT_REASONS
         for rule in self.rules:
             if rule.role != role:
                 continue
             if rule.on_exit_codes and exit_code not in rule.on_exit_codes:
                 continue
             if rule.on_reasons and reason not in rule.on_reasons:
+                continue
+            if permanent and not (rule.on_exit_codes or rule.on_reasons):
                 continue
             return rule.action
         return "FailJob"

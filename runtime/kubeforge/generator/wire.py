@@ -108,7 +108,11 @@ def _metadata(body: bytes) -> dict[str, str]:
 
 
 class GeneratorError(RuntimeError):
-    pass
+    """A replica answered with an error; `status` is its HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class GeneratorClient:
@@ -170,5 +174,7 @@ class GeneratorClient:
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
-            raise GeneratorError(f"{response.request.url.path}: {response.status_code} {response.text[:500]}")
+            raise GeneratorError(
+                f"{response.request.url.path}: {response.status_code} {response.text[:500]}", response.status_code
+            )
         return response

@@ -1,0 +1,131 @@
+"""The job's generator replicas seen as one policy, kept in step with the trainer through failures.
+
+A replica that stops answering (killed, restarting) is left out: its share of a request goes to
+the replicas that remain, or waits for one to come back when none does. A replica that comes
+back starts from the weights on disk and serves nothing until the trainer has sent it the
+current ones (kubeforge.generator.role.become_ready); `publish` re-forms the weight-sync group
+whenever the set of live replicas changed, so the returning replica gets them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from kubeforge.generator.wire import Generation, GeneratorClient, GeneratorError
+from kubeforge.trainer.client import TrainerClient, TrainerError
+
+log = logging.getLogger("kubeforge.controller")
+
+POLL_SECONDS = 1.0
+
+
+class NoGenerators(RuntimeError):
+    """No replica answered within the wait: the job cannot go on."""
+
+
+class GeneratorPool:
+    def __init__(self, urls: Sequence[str], trainer: TrainerClient, *, token: str = "", wait_seconds: float = 900.0):
+        if not urls:
+            raise ValueError("no generator replicas: the job needs spec.roles.generator.replicas >= 1")
+        self.clients = {u.rstrip("/"): GeneratorClient(u, token=token) for u in urls}
+        self.trainer = trainer
+        self.wait_seconds = wait_seconds
+        self.synced: list[str] = []  # the replicas the last publish reached, in the group's order
+        self.failovers = 0  # shares re-sent to another replica after a failure
+        self._sync_lock = asyncio.Lock()
+
+    # -- weights ------------------------------------------------------------------------------
+
+    async def publish(self) -> dict[str, Any]:
+        """Send the trainer's current weights to every live replica; the trainer's answer.
+
+        Waits for at least one replica. If a replica dies during the copy, the trainer's
+        publish fails; the live set is read again and the weights sent again.
+        """
+        async with self._sync_lock:
+            deadline = time.monotonic() + self.wait_seconds
+            while True:
+                live = await self.live(wait=True)
+                try:
+                    result = await self.trainer.publish(live, reconnect=live != self.synced)
+                    self.synced = live
+                    return result
+                except (TrainerError, httpx.TransportError) as e:
+                    self.synced = []
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("weight sync to %s failed (%s); retrying with the replicas still alive", live, e)
+                    await asyncio.sleep(POLL_SECONDS)
+
+    async def live(self, *, wait: bool = False) -> list[str]:
+        """Replicas whose weight routes answer (in URL order); with `wait`, at least one."""
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            answers = await asyncio.gather(*(self._info(c) for c in self.clients.values()))
+            live = [url for url, info in zip(self.clients, answers, strict=True) if info is not None]
+            if live or not wait:
+                return live
+            if time.monotonic() > deadline:
+                raise NoGenerators(f"no generator answered for {self.wait_seconds:.0f} s: {', '.join(self.clients)}")
+            await asyncio.sleep(POLL_SECONDS)
+
+    @staticmethod
+    async def _info(client: GeneratorClient) -> dict[str, Any] | None:
+        try:
+            info = await client.weights_info()
+        except (httpx.HTTPError, GeneratorError):  # down, or up but its engine still starting (404)
+            return None
+        return None if info.get("broken") else info
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
+    ) -> list[tuple[int, Generation]]:
+        """`n` samples of each prompt: (index of the share's first prompt, its Generation) per share.
+
+        Prompt i is always sampled with seed `seed + i`, on whichever replica serves it.
+        """
+        live = await self._current()
+        share = -(-len(prompts) // len(live))  # ceil: one contiguous share per live replica
+        starts = list(range(0, len(prompts), share))
+
+        async def one(k: int, start: int) -> tuple[int, Generation]:
+            chunk = prompts[start : start + share]
+            url = live[k]
+            deadline = time.monotonic() + self.wait_seconds
+            while True:
+                try:
+                    generation = await self.clients[url].generate(
+                        chunk, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed + start
+                    )
+                    return start, generation
+                except (httpx.TransportError, GeneratorError) as e:
+                    if isinstance(e, GeneratorError) and e.status < 500:
+                        raise  # the request itself is wrong: another replica would refuse it too
+                    if time.monotonic() > deadline:
+                        raise
+                    self.failovers += 1
+                    replicas = await self._current()
+                    next_url = replicas[(replicas.index(url) + 1) % len(replicas)] if url in replicas else replicas[0]
+                    log.warning("generator %s failed (%s); its %d prompts go to %s", url, e, len(chunk), next_url)
+                    url = next_url
+
+        return await asyncio.gather(*(one(k, s) for k, s in enumerate(starts)))
+
+    async def _current(self) -> list[str]:
+        """The live replicas, after sending the weights to any that (re)joined since the last publish."""
+        live = await self.live(wait=True)
+        if live != self.synced:
+            await self.publish()
+            live = self.synced
+        return live
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients.values()))

@@ -1,0 +1,122 @@
+"""The episode ledger: where every sampled completion is, so that none is lost or counted twice.
+
+An episode is one completion of one prompt: prompt `position` in the data stream, `sample`
+index within its group. It moves forward through
+
+    in_flight -> scored -> buffered -> trained
+                                    \\-> dropped_stale      (older than maxStaleness allows)
+    any non-final state -> failed                       (generation or scoring gave up)
+
+and never backwards: a retried generation keeps its episode in flight, it does not open a new
+one. The ledger is saved with each checkpoint and restored on resume; episodes not yet final at
+that moment are forgotten and their prompts generated again (`rewind`), so a restart neither
+loses nor duplicates an episode.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    IN_FLIGHT = "in_flight"
+    SCORED = "scored"
+    BUFFERED = "buffered"
+    TRAINED = "trained"
+    DROPPED_STALE = "dropped_stale"
+    FAILED = "failed"
+
+
+FINAL = frozenset({State.TRAINED, State.DROPPED_STALE, State.FAILED})
+_NEXT = {
+    State.IN_FLIGHT: {State.SCORED, State.FAILED},
+    State.SCORED: {State.BUFFERED, State.FAILED},
+    State.BUFFERED: {State.TRAINED, State.DROPPED_STALE, State.FAILED},
+}
+
+EpisodeId = tuple[int, int]  # (prompt position, sample index)
+
+
+class LedgerError(RuntimeError):
+    """An episode was opened twice, or moved in a way its state does not allow: a bookkeeping bug."""
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self._state: dict[EpisodeId, State] = {}
+        self._version: dict[EpisodeId, int] = {}
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def open(self, position: int, samples: int) -> list[EpisodeId]:
+        """Open `samples` episodes of the prompt at `position`, in flight."""
+        ids = [(position, s) for s in range(samples)]
+        for episode in ids:
+            if episode in self._state:
+                raise LedgerError(f"episode {episode} opened twice (it is {self._state[episode]})")
+            self._state[episode] = State.IN_FLIGHT
+        return ids
+
+    def move(self, ids: Iterable[EpisodeId], state: State, *, versions: Sequence[int] | None = None) -> None:
+        """Move `ids` to `state`; `versions` records the policy version that sampled each."""
+        ids = list(ids)
+        for episode in ids:
+            current = self._state.get(episode)
+            if current is None:
+                raise LedgerError(f"episode {episode} was never opened")
+            if state not in _NEXT.get(current, set()):
+                raise LedgerError(f"episode {episode}: {current} -> {state} is not allowed")
+        for i, episode in enumerate(ids):
+            self._state[episode] = state
+            if versions is not None:
+                self._version[episode] = int(versions[i])
+
+    def rewind(self) -> list[int]:
+        """Forget every episode that is not final; return their prompt positions (to generate again)."""
+        open_ = [e for e, s in self._state.items() if s not in FINAL]
+        for episode in open_:
+            del self._state[episode]
+            self._version.pop(episode, None)
+        return sorted({position for position, _ in open_})
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Episodes in each state (every state listed, zeros included)."""
+        found = Counter(self._state.values())
+        return {state.value: found.get(state, 0) for state in State}
+
+    def state(self, episode: EpisodeId) -> State | None:
+        return self._state.get(episode)
+
+    def version(self, episode: EpisodeId) -> int | None:
+        return self._version.get(episode)
+
+    def positions(self) -> dict[int, int]:
+        """Episodes per prompt position."""
+        return dict(sorted(Counter(position for position, _ in self._state).items()))
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """Compact JSON: one row per episode, [position, sample, state, version or -1]."""
+        rows = [[p, s, state.value, self._version.get((p, s), -1)] for (p, s), state in sorted(self._state.items())]
+        return {"episodes": rows, "counts": self.counts()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ledger:
+        ledger = cls()
+        for position, sample, state, version in data.get("episodes", []):
+            episode = (int(position), int(sample))
+            if episode in ledger._state:
+                raise LedgerError(f"saved ledger lists episode {episode} twice")
+            ledger._state[episode] = State(state)
+            if version >= 0:
+                ledger._version[episode] = int(version)
+        return ledger

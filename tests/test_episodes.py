@@ -1,0 +1,69 @@
+"""The episode ledger: every completion accounted for once, across checkpoints and resumes."""
+
+from __future__ import annotations
+
+import pytest
+from kubeforge.episodes import Ledger, LedgerError, State
+
+
+def test_episodes_move_forward_and_are_counted_once():
+    ledger = Ledger()
+    ids = ledger.open(0, 3)
+    assert ids == [(0, 0), (0, 1), (0, 2)]
+    ledger.move(ids, State.SCORED, versions=[4, 4, 5])
+    ledger.move(ids, State.BUFFERED)
+    ledger.move(ids[:2], State.TRAINED)
+    ledger.move(ids[2:], State.DROPPED_STALE)
+    counts = ledger.counts()
+    assert counts == {"in_flight": 0, "scored": 0, "buffered": 0, "trained": 2, "dropped_stale": 1, "failed": 0}
+    assert ledger.version((0, 2)) == 5
+
+
+def test_an_episode_cannot_be_opened_twice_or_go_back():
+    ledger = Ledger()
+    ids = ledger.open(7, 2)
+    with pytest.raises(LedgerError, match=r"episode \(7, 0\) opened twice"):
+        ledger.open(7, 1)
+    with pytest.raises(LedgerError, match="in_flight -> trained is not allowed"):
+        ledger.move(ids, State.TRAINED)
+    ledger.move(ids, State.SCORED, versions=[1, 1])
+    with pytest.raises(LedgerError, match="scored -> in_flight"):
+        ledger.move(ids, State.IN_FLIGHT)
+    with pytest.raises(LedgerError, match="never opened"):
+        ledger.move([(8, 0)], State.SCORED)
+    assert ledger.state(ids[0]) == State.SCORED  # a refused move changes nothing
+
+
+def test_a_refused_move_leaves_every_episode_where_it_was():
+    ledger = Ledger()
+    done, fresh = ledger.open(0, 1), ledger.open(1, 1)
+    ledger.move(done, State.SCORED, versions=[0])
+    with pytest.raises(LedgerError):
+        ledger.move(fresh + done, State.SCORED, versions=[0, 0])  # `done` is already scored
+    assert ledger.state(fresh[0]) == State.IN_FLIGHT
+
+
+def test_rewind_forgets_unfinished_work_and_names_its_prompts():
+    ledger = Ledger()
+    trained = ledger.open(0, 2)
+    ledger.move(trained, State.SCORED, versions=[0, 0])
+    ledger.move(trained, State.BUFFERED)
+    ledger.move(trained, State.TRAINED)
+    buffered = ledger.open(1, 2)
+    ledger.move(buffered, State.SCORED, versions=[1, 1])
+    ledger.move(buffered, State.BUFFERED)
+    ledger.open(2, 2)
+    assert ledger.rewind() == [1, 2]
+    assert len(ledger) == 2 and ledger.counts()["trained"] == 2
+    ledger.open(1, 2)  # generated again after a resume: no longer a duplicate
+
+
+def test_the_ledger_survives_a_json_round_trip():
+    ledger = Ledger()
+    ids = ledger.open(3, 2)
+    ledger.move(ids, State.SCORED, versions=[9, 10])
+    restored = Ledger.from_json(ledger.to_json())
+    assert restored.counts() == ledger.counts() and restored.version((3, 1)) == 10
+    assert restored.positions() == {3: 2}
+    with pytest.raises(LedgerError, match="twice"):
+        Ledger.from_json({"episodes": [[0, 0, "trained", 1], [0, 0, "trained", 1]]})
