@@ -49,6 +49,7 @@ def test_parquet_shards_of_a_split_load_in_order(tmp_path):
     (tmp_path / "README.md").write_text("not data")
     assert [e.answer for e in load_gsm8k(tmp_path, "train")] == [str(2 * i) for i in range(8)]
     assert [e.answer for e in load_gsm8k(tmp_path, "test")] == ["200", "202"]
+    assert [e.answer for e in load_gsm8k(tmp_path, "train[-2:]")] == ["12", "14"]  # a slice across shards
 
 
 def test_a_named_eval_split_is_the_held_out_split(tmp_path):
@@ -123,7 +124,7 @@ def test_unsupported_broken_and_mixed_files_are_refused(tmp_path):
         load_gsm8k(csv)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl is not readable json"):
+    with pytest.raises(ValueError, match=r"split 'train' of .*broken.jsonl is not readable"):
         load_gsm8k(broken)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -133,10 +134,17 @@ def test_unsupported_broken_and_mixed_files_are_refused(tmp_path):
         load_gsm8k(mixed)
 
 
-def test_an_eval_split_needs_a_directory(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", rows(4))
-    with pytest.raises(ValueError, match=r"spec.dataset.evalSplit: 'test' needs spec.dataset.path to be a directory"):
+def test_a_single_file_holds_only_train_and_its_slices(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", rows(10))
+    splits = load_splits(path, split="train[:80%]", eval_split="train[80%:]")
+    assert [e.answer for e in splits.held_out] == ["16", "18"]
+    assert len(splits.train) == 8 and not caplog.records
+    with pytest.raises(
+        ValueError, match=r"split 'test': the file .*gsm8k.jsonl holds only the split 'train'; use slices"
+    ):
         load_splits(path, eval_split="test")
+    load_splits(path, split="train", eval_split="train[80%:]")  # overlapping slices: allowed, with a warning
+    assert "2 of 2 held-out questions (train[80%:]) are also in the train split (train)" in caplog.text
 
 
 # -- the GRPO app's task ---------------------------------------------------------------------------

@@ -1,22 +1,24 @@
-"""GSM8K-style math word problems from local JSONL or Parquet files.
+"""GSM8K-style math word problems from local JSONL or Parquet files (see kubeforge.data.files).
 
 Each row has `question` and `answer`, where the answer is the worked solution followed by
-`#### <final answer>` (the GSM8K format); other columns are ignored. `spec.dataset.path` is one file,
-or a directory holding one file (or shards) per split: `train.jsonl`, `test.parquet`,
-`train-00000-of-00001.parquet` (the Hugging Face layout). The held-out split is either a named split
-(`spec.dataset.evalSplit`) or a deterministic fraction of the train split, chosen by a hash of each
-question and a seed: the same on every run and machine, independent of row order, and a question
-that appears twice lands on one side only.
+`#### <final answer>` (the GSM8K format); other columns are ignored. The held-out split is either a
+named split (`spec.dataset.evalSplit`: another file, or a slice) or a deterministic fraction of the
+train split, chosen by a hash of each question and a seed: the same on every run and machine,
+independent of row order, and a question that appears twice lands on one side only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> `datasets` builder
+from kubeforge.data.files import load_table
+
+log = logging.getLogger("kubeforge.data")
+
 COLUMNS = ("question", "answer")
 SEPARATOR = "####"
 
@@ -33,46 +35,10 @@ class Splits:
     held_out: list[Example]
 
 
-def _split_files(path: Path, split: str) -> list[Path]:
-    """The files of `split`: the path itself when it is a file, else `{split}.*` or `{split}-*.*` shards in it."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"spec.dataset.path: {path} does not exist; expected a JSONL or Parquet file, "
-            f"or a directory holding {split}.jsonl or {split}.parquet"
-        )
-    if path.is_file():
-        if path.suffix not in FORMATS:
-            raise ValueError(f"spec.dataset.path: {path} is not JSONL or Parquet; expected a name ending in "
-                             f"{', '.join(FORMATS)}")  # fmt: skip
-        files = [path]
-    else:
-        files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and p.suffix in FORMATS and (p.stem == split or p.stem.startswith(f"{split}-"))
-        )
-        if not files:
-            present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-            raise FileNotFoundError(
-                f"spec.dataset: no file for split {split!r} in {path} (it holds {present}); "
-                f"expected {split}.jsonl, {split}.parquet or shards {split}-*.parquet"
-            )
-    if len({FORMATS[p.suffix] for p in files}) > 1:
-        raise ValueError(f"spec.dataset: split {split!r} in {path} mixes JSONL and Parquet files; keep one format")
-    return files
-
-
 def load_gsm8k(path: str | Path, split: str = "train") -> list[Example]:
     """The examples of one split, in file order; clear errors for missing files, columns or '####'."""
-    import datasets  # the runtime extra; the operator never loads data
-
-    files = _split_files(Path(path), split)
-    where = files[0] if len(files) == 1 else f"{files[0].parent} ({split} split)"
-    builder = FORMATS[files[0].suffix]
-    try:
-        table = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    except Exception as e:  # the library's messages about broken files do not say which setting to fix
-        raise ValueError(f"spec.dataset.path: {where} is not readable {builder}: {type(e).__name__}: {e}") from e
+    table = load_table(path, split)
+    where = f"{path} ({split})"
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(
@@ -127,9 +93,13 @@ def load_splits(
     """Train and held-out examples: the named `eval_split` when given, else a seeded fraction of `split`."""
     if eval_split is None:
         return held_out_split(load_gsm8k(path, split), held_out_fraction, seed)
-    if Path(path).is_file():
-        raise ValueError(
-            f"spec.dataset.evalSplit: {eval_split!r} needs spec.dataset.path to be a directory of split files, "
-            f"but {path} is one file; drop evalSplit to hold out a fraction of it"
-        )
-    return Splits(train=load_gsm8k(path, split), held_out=load_gsm8k(path, eval_split))
+    splits = Splits(train=load_gsm8k(path, split), held_out=load_gsm8k(path, eval_split))
+    seen = {e.prompt for e in splits.train}
+    leaked = sum(e.prompt in seen for e in splits.held_out)
+    if leaked:  # a warning, not an error: public benchmarks do share a few questions between splits
+        log.warning(
+            "%d of %d held-out questions (%s) are also in the train split (%s); for slices of one file use "
+            "split: train[:90%%], evalSplit: train[90%%:]",
+            leaked, len(splits.held_out), eval_split, split,
+        )  # fmt: skip
+    return splits
