@@ -3,7 +3,8 @@
 Pick it with `spec.dataset.path` and score it with the `math` reward (and `math_format`, for the
 habit of boxing the answer):
 
-    dataset: {path: data/gsm8k, split: train, evalSplit: test}    # or no evalSplit: a held-out fraction
+    dataset: {path: data/gsm8k, split: train, evalSplit: test}    # a directory with train.* and test.* files
+    # or one file: {path: gsm8k.jsonl, split: "train[:95%]", evalSplit: "train[95%:]"}, or no evalSplit:
     algorithm:
       heldOutFraction: 0.05     # without evalSplit: this share of the train split is held out (by seed)
       evalSize: 200             # optional: score only the first N held-out problems at each evaluation
