@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok) from Go modules into a content-addressed cache dir:
+# kube-scheduler, kwok) and helm (for the chart's tests) from Go modules into a
+# content-addressed cache dir:
 #
 #   ${KUBEFORGE_TESTBED_CACHE:-$HOME/.cache/kubeforge-testbed}/<hash>/bin
 #
@@ -22,12 +23,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 : "${K8S:?versions.env must set K8S}" "${ETCD:?versions.env must set ETCD}" "${KWOK:?versions.env must set KWOK}"
+: "${HELM:?versions.env must set HELM}"
 
 export CGO_ENABLED=0
 export GOTOOLCHAIN="${KUBEFORGE_GOTOOLCHAIN:-local}"
 export GOFLAGS="-mod=readonly -buildvcs=false"
 
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
 # Bump RECIPE when changing how binaries are built here (flags, packages): it is part of
 # the cache key, so old binaries are not reused.
 RECIPE=1
@@ -41,7 +43,7 @@ goversion="$(go env GOVERSION)" || die "'go env GOVERSION' failed"
 
 hash="$(
   cd "$here"
-  { cat versions.env k8s/go.mod k8s/go.sum etcd/go.mod etcd/go.sum kwok/go.mod kwok/go.sum
+  { cat versions.env k8s/go.mod k8s/go.sum etcd/go.mod etcd/go.sum kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum
     printf 'go=%s\nrecipe=%s\n' "$goversion" "$RECIPE"; } | sha256sum | cut -c1-16
 )" || die "cannot hash versions.env and go.mod/go.sum files"
 
@@ -55,7 +57,7 @@ complete() {
 }
 
 if complete; then
-  log "up to date: $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK, $goversion)"
+  log "up to date: $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK HELM=$HELM, $goversion)"
   printf '%s\n' "$bin"
   exit 0
 fi
@@ -73,7 +75,7 @@ if complete; then
   exit 0
 fi
 
-log "building into $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK, $goversion, GOTOOLCHAIN=$GOTOOLCHAIN)"
+log "building into $bin (K8S=$K8S ETCD=$ETCD KWOK=$KWOK HELM=$HELM, $goversion, GOTOOLCHAIN=$GOTOOLCHAIN)"
 
 # build <name> <wrapper dir> <package> [extra -X flags...]
 build() {
@@ -108,9 +110,22 @@ build kube-controller-manager k8s  k8s.io/kubernetes/cmd/kube-controller-manager
 build kube-scheduler          k8s  k8s.io/kubernetes/cmd/kube-scheduler          "${k8s_x[@]}"
 build kwok                    kwok sigs.k8s.io/kwok/cmd/kwok
 
+# helm's version stamps, as its Makefile sets them: its own version (unstamped it says v3.22,
+# "unreleased"), and the Kubernetes version it assumes offline (`helm template`, `helm lint`)
+# from the client-go it is built with.
+helm_k8s="$(cd "$here/helm" && go list -m -f '{{.Version}}' k8s.io/client-go)" || die "cannot read helm's client-go version"
+helm_k8s_minor="${helm_k8s#v0.}"; helm_k8s_minor="${helm_k8s_minor%%.*}"
+helm_x=("-X helm.sh/helm/v3/internal/version.version=$HELM" "-X helm.sh/helm/v3/internal/version.metadata="
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean")
+for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_x+=("-X $p.k8sVersionMajor=1" "-X $p.k8sVersionMinor=$helm_k8s_minor")
+done
+build helm                    helm helm.sh/helm/v3/cmd/helm                      "${helm_x[@]}"
+
 # Sanity check: every binary runs and reports a version.
 for b in "${BINARIES[@]}"; do
-  "$bin/$b" --version >/dev/null 2>&1 || die "$b was built but '$b --version' fails"
+  v=--version; [[ $b == helm ]] && v=version   # helm's is a subcommand
+  "$bin/$b" "$v" >/dev/null 2>&1 || die "$b was built but '$b $v' fails"
 done
 
 cp -f "$here/versions.env" "$root/versions.env"

@@ -1,0 +1,241 @@
+"""The Helm chart (helm/forge-operator): lint, what it renders for the main option combinations,
+its CRD against crds/rljob.yaml, and install / upgrade / uninstall on the test control plane.
+The operator running with the chart's RBAC is e2e/test_rbac.py."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chart import CHART, helm, render
+from cluster import GROUP, PLURAL, REPO, VERSION
+from kubeforge_operator.resources import JobRef, network_policy
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+pytestmark = pytest.mark.cluster
+
+CRD_NAME = "rljobs.kubeforge.dev"
+KEEP = {"helm.sh/resource-policy": "keep"}
+
+
+def only(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''}, rendered {[(o['kind'], o['metadata']['name']) for o in objects]}"
+    )
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    return sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in objects)
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_lint(tmp_path: Path) -> None:
+    for values in ([], ["--set", "clusterWide=true"], ["--set", "metrics.serviceMonitor.enabled=true"]):
+        out = helm("lint", "--strict", str(CHART), *values, home=tmp_path)
+        assert "0 chart(s) failed" in out, out
+
+
+def test_default_render(tmp_path: Path) -> None:
+    objects = render(home=tmp_path)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    ns = "kubeforge-system"
+    expected = [
+        ("ClusterRole", "forge-operator-capacity", None),
+        ("ClusterRoleBinding", "forge-operator-capacity", None),
+        ("CustomResourceDefinition", CRD_NAME, None),
+        ("Deployment", "forge-operator", ns),
+        ("Role", "forge-operator", ns),
+        ("RoleBinding", "forge-operator", ns),
+        ("Service", "forge-operator", ns),
+        ("Service", "forge-operator-metrics", ns),
+        ("ServiceAccount", "forge-operator", ns),
+    ]
+    if list(CHART.glob("dashboards/*.json")):
+        expected.append(("ConfigMap", "forge-operator-dashboards", ns))
+    assert kinds(objects) == sorted(expected)
+
+    deployment = only(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    c = container(objects)
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert c["image"] == f"kubeforge/operator:{chart['appVersion']}"
+    assert c["command"] == ["python", "-m", "kubeforge_operator"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    progress = only(objects, "Service", "forge-operator")["spec"]["ports"][0]
+    assert c["args"] == [
+        f"--namespace={ns}",
+        f"--metrics-port={ports['metrics']}",
+        f"--liveness=http://0.0.0.0:{ports['health']}/healthz",
+        f"--progress-listen=0.0.0.0:{ports['progress']}",
+        f"--progress-url-base=http://forge-operator.{ns}.svc:{progress['port']}",
+    ]
+    assert progress["targetPort"] == "progress"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "progress"}
+    assert c["resources"]["requests"].keys() == {"cpu", "memory"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["securityContext"]["runAsUser"] > 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["serviceAccountName"] == only(objects, "ServiceAccount")["metadata"]["name"]
+
+    labels = pod["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    for service in (o for o in objects if o["kind"] == "Service"):
+        assert selects(service["spec"]["selector"], labels), service["metadata"]["name"]
+    # Each job's NetworkPolicy must admit the operator's pod.
+    policy = network_policy(JobRef("j", "ns", "uid"))
+    admitted = [p["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for p in rule["from"]]
+    assert any(selects(s, labels) for s in admitted), (admitted, labels)
+
+    role = only(objects, "Role")
+    binding = only(objects, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "forge-operator", "namespace": ns}]
+    # Cluster-wide, the operator may only read.
+    capacity = only(objects, "ClusterRole", "forge-operator-capacity")
+    assert {v for rule in capacity["rules"] for v in rule["verbs"]} <= {"get", "list", "watch"}
+
+
+def test_watched_namespaces(tmp_path: Path) -> None:
+    objects = render("watchNamespaces={team-a,team-b}", home=tmp_path)
+    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in objects if o["kind"] in ("Role", "RoleBinding")) == [
+        ("Role", "team-a"), ("Role", "team-b"), ("RoleBinding", "team-a"), ("RoleBinding", "team-b"),
+    ]  # fmt: skip
+    assert [a for a in container(objects)["args"] if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+
+
+def test_cluster_wide(tmp_path: Path) -> None:
+    namespaced = render(home=tmp_path)
+    objects = render("clusterWide=true", "watchNamespaces={team-a}", home=tmp_path)
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    args = container(objects)["args"]
+    assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
+    # The same rules as the namespaced Role, granted everywhere.
+    assert only(objects, "ClusterRole", "forge-operator")["rules"] == only(namespaced, "Role")["rules"]
+    binding = only(objects, "ClusterRoleBinding", "forge-operator")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "forge-operator",
+    }
+    assert binding["subjects"][0]["name"] == "forge-operator"
+
+
+def test_monitors(tmp_path: Path) -> None:
+    assert not [o for o in render(home=tmp_path) if o["kind"] in ("ServiceMonitor", "PodMonitor")]
+    objects = render("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", home=tmp_path)
+    metrics = only(objects, "Service", "forge-operator-metrics")
+    monitor = only(objects, "ServiceMonitor")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], metrics["metadata"]["labels"])
+    assert not selects(
+        monitor["spec"]["selector"]["matchLabels"], only(objects, "Service", "forge-operator")["metadata"]["labels"]
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in metrics["spec"]["ports"]}
+    pod_monitor = only(objects, "PodMonitor")
+    assert selects(
+        pod_monitor["spec"]["selector"]["matchLabels"],
+        only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"],
+    )
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in container(objects)["ports"]}
+    with pytest.raises(AssertionError, match="needs metrics.service.enabled"):
+        render("metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false", home=tmp_path)
+
+
+def test_dashboards(tmp_path: Path) -> None:
+    # A copy of the chart with one more dashboard: every dashboards/*.json is packaged, whatever is there.
+    chart = tmp_path / "forge-operator"
+    shutil.copytree(CHART, chart)
+    (chart / "dashboards" / "extra.json").write_text(json.dumps({"title": "extra", "panels": []}))
+    files = {p.name: p.read_text() for p in chart.glob("dashboards/*.json")}
+    config_map = only(render(home=tmp_path, chart=chart), "ConfigMap", "forge-operator-dashboards")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["data"] == files
+    assert all(json.loads(text) for text in config_map["data"].values())
+
+    elsewhere = render("dashboards.namespace=monitoring", "dashboards.label=dash", "dashboards.labelValue=yes",
+                       home=tmp_path, chart=chart)  # fmt: skip
+    moved = only(elsewhere, "ConfigMap")
+    assert moved["metadata"]["namespace"] == "monitoring" and moved["metadata"]["labels"]["dash"] == "yes"
+    assert not [o for o in render("dashboards.enabled=false", home=tmp_path, chart=chart) if o["kind"] == "ConfigMap"]
+
+
+def test_the_charts_crd_is_crds_rljob_yaml(tmp_path: Path) -> None:
+    crd = only(render(home=tmp_path), "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"] == KEEP, "the CRD must carry helm.sh/resource-policy: keep"
+    del crd["metadata"]["annotations"]
+    source = yaml.safe_load((REPO / "crds" / "rljob.yaml").read_text())
+    if crd != source:
+        diff = difflib.unified_diff(
+            yaml.safe_dump(source).splitlines(),
+            yaml.safe_dump(crd).splitlines(),
+            "crds/rljob.yaml",
+            "chart",
+            lineterm="",
+        )
+        pytest.fail(
+            "helm/forge-operator/files/rljob.yaml differs from crds/rljob.yaml; run `make crd`:\n" + "\n".join(diff)
+        )
+    assert not [o for o in render("crds.install=false", home=tmp_path) if o["kind"] == "CustomResourceDefinition"]
+
+
+def test_install_upgrade_uninstall_keep_the_crd_and_jobs(cluster: Path, namespace: str, tmp_path: Path) -> None:
+    release, operator_namespace = f"fo-{uuid.uuid4().hex[:6]}", f"op-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-forge-operator"
+    ext, apps, custom = client.ApiextensionsV1Api(), client.AppsV1Api(), client.CustomObjectsApi()
+
+    def run(*args: str) -> str:
+        return helm(*args, "--namespace", operator_namespace, kubeconfig=cluster, home=tmp_path)
+
+    # The session's CRD was applied with kubectl-like calls; let this release adopt it, as a user
+    # who applied crds/rljob.yaml first would (docs/install.md).
+    ext.patch_custom_resource_definition(CRD_NAME, {"metadata": {
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": operator_namespace},
+    }})  # fmt: skip
+    notes = run("install", release, str(CHART), "--create-namespace", "--set", f"watchNamespaces={{{namespace}}}",
+                "--wait")  # fmt: skip
+    assert f"kubectl -n {namespace} get rlj" in notes, notes
+    deployment = apps.read_namespaced_deployment(fullname, operator_namespace)
+    # KWOK plays the kubelet, so the operator's (never pulled) pod still reports Ready.
+    assert deployment.status.available_replicas == 1
+    assert (
+        client.RbacAuthorizationV1Api().read_namespaced_role_binding(fullname, namespace).subjects[0].name == fullname
+    )
+    assert ext.read_custom_resource_definition(CRD_NAME).metadata.annotations["helm.sh/resource-policy"] == "keep"
+
+    job = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RLJob", "metadata": {"name": "kept"},
+           "spec": {"model": {"path": "/models/m"}}}  # fmt: skip
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+
+    run("upgrade", release, str(CHART), "--reuse-values", "--set", "operator.verbose=true", "--wait")
+    args = apps.read_namespaced_deployment(fullname, operator_namespace).spec.template.spec.containers[0].args
+    assert "--verbose" in args, args
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "kept")
+
+    out = run("uninstall", release, "--wait")  # --wait: returns once everything it deletes is gone
+    assert CRD_NAME in out, f"helm should report the CRD as kept: {out}"
+    with pytest.raises(ApiException) as gone:
+        apps.read_namespaced_deployment(fullname, operator_namespace)
+    assert gone.value.status == 404
+    assert ext.read_custom_resource_definition(CRD_NAME).metadata.deletion_timestamp is None
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "kept")["metadata"]["name"] == "kept"
+    client.CoreV1Api().delete_namespace(operator_namespace)

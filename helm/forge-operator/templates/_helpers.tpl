@@ -1,0 +1,72 @@
+{{/* The base name of every object. */}}
+{{- define "forge-operator.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod selector. app.kubernetes.io/name is fixed: each job's NetworkPolicy admits pods labelled
+app.kubernetes.io/name=forge-operator (kubeforge_operator/resources.py). */}}
+{{- define "forge-operator.selectorLabels" -}}
+app.kubernetes.io/name: forge-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "forge-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "forge-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubeforge
+{{- end -}}
+
+{{- define "forge-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "forge-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The watched namespaces as a JSON list (use with fromJsonArray). */}}
+{{- define "forge-operator.watchNamespaces" -}}
+{{- default (list .Release.Namespace) .Values.watchNamespaces | uniq | toJson -}}
+{{- end -}}
+
+{{/* The progress receiver's URL as the job pods see it (--progress-url-base). */}}
+{{- define "forge-operator.progressUrlBase" -}}
+{{- printf "http://%s.%s.svc:%v" (include "forge-operator.fullname" .) .Release.Namespace .Values.progressService.port -}}
+{{- end -}}
+
+{{/* What the operator does inside a namespace it watches; granted by a Role there, or by a
+ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator creates. */}}
+{{- define "forge-operator.jobRules" -}}
+- apiGroups: [kubeforge.dev]
+  resources: [rljobs]
+  verbs: [get, list, watch, patch, delete]  # delete: spec.ttlSecondsAfterFinished
+- apiGroups: [kubeforge.dev]
+  resources: [rljobs/status]
+  verbs: [get, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]  # get: the progress receiver checks a job's token
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create]
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [create]
+{{- end -}}
