@@ -137,21 +137,38 @@ def test_bad_position_ids_are_refused(positions, message):
         )
 
 
-def test_packed_rows_score_each_example_as_if_it_were_alone(tiny_model):
-    """The trainer's torchtitan model on one packed row against transformers on each example alone."""
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama 3.1 (rope scaling "llama3" active within 64 positions), untied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=False)  # fmt: skip
+    out = tmp_path_factory.mktemp("llama") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_packed_rows_score_each_example_as_if_it_were_alone(architecture, request):
+    """The trainer's torchtitan model (built from config.json's model_type) on one packed row, against
+    transformers on each example alone."""
     from kubeforge.trainer import model as policy
     from safetensors.torch import load_file
-    from torchtitan.models.qwen3 import Qwen3Model
-    from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
-    args = policy.model_args_from_hf(policy.read_hf_config(tiny_model))
-    model = Qwen3Model(args)
+    model_dir = request.getfixturevalue("tiny_model" if architecture == "qwen3" else "tiny_llama")
+    args = policy.model_args_from_hf(policy.read_hf_config(model_dir))
+    model = policy.ARCHITECTURES[architecture].model(args)
     with torch.no_grad():
         model.init_weights()
-    model.load_state_dict(Qwen3StateDictAdapter(args, None).from_hf(load_file(tiny_model / "model.safetensors")))
+    model.load_state_dict(policy.state_dict_adapter(args).from_hf(load_file(model_dir / "model.safetensors")))
     policy.use_document_attention(model)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
-    examples = [example(5, 10), example(3, 40), example(6, 60)]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    examples = [example(5, 10), example(3, 40), example(20, 60)]
     batch = to_batch([examples], pad_id=0, policy_version=0, step=0)
     with torch.no_grad():
         packed = policy.token_logprobs(model, batch.input_ids, position_ids=batch.position_ids)[0]
@@ -164,6 +181,18 @@ def test_packed_rows_score_each_example_as_if_it_were_alone(tiny_model):
             start += len(e.input_ids)
     # Without the document mask the later examples see the earlier ones: different numbers.
     assert (unmasked[6:] - packed[6:]).abs().max() > 1e-2
+
+
+def test_unsupported_checkpoints_name_the_config_field():
+    from kubeforge.trainer.model import UnsupportedModel, model_args_from_hf
+
+    llama = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+             "vocab_size": 128, "intermediate_size": 176}  # fmt: skip
+    assert model_args_from_hf(llama).rope_scaling_args.scaling_factor == 1.0  # Llama 3: no scaling
+    with pytest.raises(UnsupportedModel, match="tie_word_embeddings .*: got True"):
+        model_args_from_hf({**llama, "tie_word_embeddings": True})
+    with pytest.raises(UnsupportedModel, match="model_type: got 'mistral'; expected one of 'qwen3', 'llama'"):
+        model_args_from_hf({**llama, "model_type": "mistral"})
 
 
 # -- data files and settings -----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The policy as torchtitan builds it: an HF Qwen3 checkpoint in, FSDP2-sharded Qwen3Model, HF names out.
+"""The policy as torchtitan builds it: an HF checkpoint in, an FSDP2-sharded torchtitan model, HF names out.
 
-torchtitan supplies the model (`Qwen3Model`), its HF <-> torchtitan state-dict adapter and the
-HF safetensors reader that loads each rank's shard straight from the files. What is ours: reading
-the HF config into `Qwen3ModelArgs` (torchtitan 0.2.2 only knows its named flavours) and the
+The architecture follows config.json's model_type: `qwen3` (dense Qwen3: torchtitan's Qwen3Model)
+or `llama` (Llama 3 / 3.1: torchtitan's llama3 Transformer). torchtitan supplies the model, its
+HF <-> torchtitan state-dict adapter (for Llama it also permutes q/k between HF's rotate-half RoPE
+layout and its own interleaved one) and the HF safetensors reader that loads each rank's shard
+straight from the files. What is ours: reading the HF config into the model args (torchtitan 0.2.2
+only knows its named flavours) and the
 FSDP2 wrapping, because torchtitan's `apply_fsdp` puts the embedding and the output projection
 in separate FSDP groups, which torch 2.13 refuses for tied embeddings (the small Qwen3s tie them).
 
@@ -14,9 +17,10 @@ each sequence's logprobs are the ones it would have alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torchtitan.models.attention import ScaledDotProductAttentionWrapper
+from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
+from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
@@ -47,21 +54,25 @@ def hf_dtype(config: dict[str, Any]) -> torch.dtype:
     return DTYPES[config.get("dtype") or config.get("torch_dtype") or "float32"]
 
 
-def model_args_from_hf(config: dict[str, Any]) -> Qwen3ModelArgs:
-    """torchtitan's Qwen3ModelArgs for an HF Qwen3 config.json; refuses what the model cannot express."""
-    if config.get("model_type") != "qwen3":
-        raise UnsupportedModel(f"model_type: got {config.get('model_type')!r}; expected 'qwen3' (dense Qwen3)")
+def _eos(config: dict[str, Any]) -> dict[str, int]:
+    eos = config.get("eos_token_id")
+    return {"eos_id": eos} if isinstance(eos, int) else {}
+
+
+def _refuse(config: dict[str, Any], architecture: str, fields: dict[str, Any]) -> None:
+    for field, value in fields.items():
+        if value:
+            raise UnsupportedModel(f"{field}: got {value!r}; torchtitan's {architecture} supports only the default")
+
+
+def _qwen3_args(config: dict[str, Any]) -> Qwen3ModelArgs:
     rope = config.get("rope_parameters") or {}
-    unsupported = {
+    _refuse(config, "Qwen3", {
         "attention_bias": config.get("attention_bias", False),
         "use_sliding_window": config.get("use_sliding_window", False),
         "rope_scaling": config.get("rope_scaling"),
         "rope_parameters.rope_type": rope.get("rope_type", "default") != "default",
-    }
-    for field, value in unsupported.items():
-        if value:
-            raise UnsupportedModel(f"{field}: got {value!r}; torchtitan's Qwen3 supports only the default")
-    eos = config.get("eos_token_id")
+    })  # fmt: skip
     return Qwen3ModelArgs(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -75,8 +86,81 @@ def model_args_from_hf(config: dict[str, Any]) -> Qwen3ModelArgs:
         qk_norm=True,
         max_seq_len=config.get("max_position_embeddings", 4096),
         enable_weight_tying=config.get("tie_word_embeddings", False),
-        **({"eos_id": eos} if isinstance(eos, int) else {}),
+        **_eos(config),
     )
+
+
+def _llama3_args(config: dict[str, Any]) -> TransformerModelArgs:
+    """Llama 3 / 3.1 (dense, untied). torchtitan sizes the MLP as multiple_of x ceil(multiplier x 8 dim / 3):
+    a multiple_of of 1 and a multiplier just above intermediate / that gives HF's intermediate_size."""
+    dim, heads = config["hidden_size"], config["num_attention_heads"]
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    _refuse(config, "Llama 3", {
+        "attention_bias": config.get("attention_bias", False),
+        "mlp_bias": config.get("mlp_bias", False),
+        "tie_word_embeddings (Llama 3.2 1B/3B)": config.get("tie_word_embeddings", False),
+        "head_dim": config.get("head_dim", dim // heads) != dim // heads,
+        "rope_scaling.rope_type": rope_type not in ("default", "llama3"),
+    })  # fmt: skip
+    # Llama 3.1's "llama3" scaling, or none: factor 1 leaves every frequency as it is.
+    scaling = RoPEScalingArgs(
+        scaling_factor=rope.get("factor", 1.0) if rope_type == "llama3" else 1.0,
+        low_freq_factor=rope.get("low_freq_factor", 1.0),
+        high_freq_factor=rope.get("high_freq_factor", 4.0),
+        original_max_position_embeddings=rope.get("original_max_position_embeddings", 8192),
+    )
+    base_hidden = int(2 * 4 * dim / 3)
+    return TransformerModelArgs(
+        dim=dim,
+        n_layers=config["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        vocab_size=config["vocab_size"],
+        multiple_of=1,
+        ffn_dim_multiplier=(config["intermediate_size"] + 0.5) / base_hidden,
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=rope.get("rope_theta") or config.get("rope_theta") or 500000.0,
+        rope_scaling_args=scaling,
+        max_seq_len=config.get("max_position_embeddings", 8192),
+        **_eos(config),
+    )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    args: Callable[[dict[str, Any]], Any]  # HF config.json -> torchtitan model args
+    model: type[torch.nn.Module]
+    adapter: type[Qwen3StateDictAdapter] | type[Llama3StateDictAdapter]
+
+
+# By HF config.json model_type.
+ARCHITECTURES = {
+    "qwen3": Architecture(_qwen3_args, Qwen3Model, Qwen3StateDictAdapter),
+    "llama": Architecture(_llama3_args, Transformer, Llama3StateDictAdapter),
+}
+ModelArgs = Qwen3ModelArgs | TransformerModelArgs
+Adapter = Qwen3StateDictAdapter | Llama3StateDictAdapter
+
+
+def model_args_from_hf(config: dict[str, Any]) -> ModelArgs:
+    """torchtitan's model args for an HF config.json (by its model_type); refuses what the model cannot express."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModel(
+            f"model_type: got {model_type!r}; expected one of {', '.join(map(repr, ARCHITECTURES))} "
+            "(dense Qwen3, Llama 3)"
+        )
+    return ARCHITECTURES[model_type].args(config)
+
+
+def _architecture(args: ModelArgs) -> Architecture:
+    return ARCHITECTURES["qwen3" if isinstance(args, Qwen3ModelArgs) else "llama"]
+
+
+def state_dict_adapter(args: ModelArgs) -> Adapter:
+    """The HF <-> torchtitan mapping of the model `args` describe."""
+    return _architecture(args).adapter(args, None)
 
 
 # The attention mask of the packed forward pass in progress ([B, 1, T, T] bool), None for unpacked rows.
@@ -133,10 +217,10 @@ def use_document_attention(model: torch.nn.Module) -> None:
         block.attention.inner_attention = DocumentAttention()
 
 
-def build_model(args: Qwen3ModelArgs, mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype) -> Qwen3Model:
+def build_model(args: ModelArgs, mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype) -> torch.nn.Module:
     """The model on `device`, sharded over `mesh`, weights initialised at random (load them next)."""
     with torch.device("meta"):
-        model = Qwen3Model(args)
+        model = _architecture(args).model(args)
     # One FSDP group per block, the rest (embedding, final norm, output, tied or not) in the root's.
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
@@ -149,25 +233,24 @@ def build_model(args: Qwen3ModelArgs, mesh: DeviceMesh, device: torch.device, pa
     return model
 
 
-def load_hf_weights(model: Qwen3Model, adapter: Qwen3StateDictAdapter, model_dir: str | Path) -> None:
+def load_hf_weights(model: torch.nn.Module, adapter: Adapter, model_dir: str | Path) -> None:
     """Read the HF safetensors into the sharded model: each rank reads only its own shard."""
     hf_state = adapter.to_hf(get_model_state_dict(model))
     dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(str(model_dir)))
     set_model_state_dict(model, adapter.from_hf(hf_state), options=StateDictOptions(strict=True))
 
 
-def hf_weight_names(model: Qwen3Model, adapter: Qwen3StateDictAdapter, dtype: torch.dtype) -> list[dict[str, Any]]:
+def hf_weight_names(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype) -> list[dict[str, Any]]:
     """The weights `iter_hf_weights` yields, in order: HF name, dtype and full shape. No communication."""
+    # Meta tensors of the full shape: the adapter may reshape (Llama's q/k), which a shard cannot.
     return [
         {"name": hf_name, "dtype": str(dtype).removeprefix("torch."), "shape": list(value.shape)}
         for name, param in model.named_parameters()
-        for hf_name, value in adapter.to_hf({name: param}).items()
+        for hf_name, value in adapter.to_hf({name: torch.empty(param.shape, device="meta")}).items()
     ]
 
 
-def iter_hf_weights(
-    model: Qwen3Model, adapter: Qwen3StateDictAdapter, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor in `dtype`) one parameter at a time.
 
     Collective: every rank must run the loop to the end (each parameter is all-gathered).
@@ -180,7 +263,7 @@ def iter_hf_weights(
 
 
 def token_logprobs(
-    model: Qwen3Model, input_ids: torch.Tensor, temperature: float = 1.0, position_ids: torch.Tensor | None = None
+    model: torch.nn.Module, input_ids: torch.Tensor, temperature: float = 1.0, position_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
     """[B, T] log-probability of each token given the ones before it; position 0 holds 0.
 
