@@ -57,7 +57,6 @@ class GSM8KTask:
         self.seed = seed
         self.max_new_tokens = max_new_tokens  # worked solutions run to a few hundred tokens
         self._orders: dict[str, tuple[int, list[int]]] = {}  # stream -> (epoch, its permutation)
-        self._sampled = 0
 
     @classmethod
     def from_spec(cls, spec: RLJobSpec, *, seed: int = 0) -> GSM8KTask:
@@ -90,9 +89,3 @@ class GSM8KTask:
             random.Random(f"{self.seed}/{stream}/{epoch}").shuffle(order)
             cached = self._orders[stream] = (epoch, order)
         return self.train[cached[1][index]]
-
-    def sample(self, count: int) -> list[Example]:
-        """The next `count` examples of the "rl" stream (for loops that draw batches instead of positions)."""
-        examples = [self.at(self._sampled + i) for i in range(count)]
-        self._sampled += count
-        return examples

@@ -39,6 +39,7 @@ from kubeforge.rewards import RewardClient
 from kubeforge.trainer.client import TrainerClient
 from transformers import AutoTokenizer
 
+from apps.grpo.gsm8k import GSM8KTask
 from apps.grpo.task import CopyTask, Example, Task
 
 log = logging.getLogger("apps.grpo")
@@ -399,7 +400,8 @@ class GRPO:
 
 async def main(job: Job) -> None:
     cfg = Config.from_algorithm(job.spec.algorithm or {})
-    task = CopyTask(seed=cfg.seed)
+    # spec.dataset.path names GSM8K-style files; without it the job runs the synthetic copy task.
+    task = GSM8KTask.from_spec(job.spec, seed=cfg.seed) if job.spec.dataset.path else CopyTask(seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
     trainer = TrainerClient(job.urls("trainer")[0], token=job.ctx.token)
     policy = Policy(GeneratorPool(job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
