@@ -287,7 +287,7 @@ def test_the_job_lowers_the_held_out_loss_and_exports_a_checkpoint_transformers_
     assert after < 0.6 * before, evals
     assert all(0 < r["packing"] <= 1 and r["examples"] > 4 for r in rows if "loss" in r)  # several examples per row
 
-    exported = run_dir / "exports" / "step-12"
+    exported = run_dir / "checkpoints" / "hf" / "step-12"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
     # transformers scores the held-out split on the export, unpacked, exactly as the trainer did packed.
     assert held_out_loss(exported, data, 128) == pytest.approx(after, rel=1e-4)

@@ -5,9 +5,9 @@ rows), render them with the tokenizer's chat template, mask the loss to the assi
 several examples per row, and send each step's rows to the trainer with the `sft` loss (token-mean
 negative log-likelihood of the masked tokens). Every `evalEvery` steps, and before the first and
 after the last, the trainer's /evaluate gives the held-out loss (a forward pass, no update). The
-weights are exported as an HF checkpoint (config, safetensors, tokenizer: what vLLM loads) at the
-end and every `exportEvery` steps; DCP checkpoints (with the step, for resuming) follow
-spec.checkpoint.
+weights are exported as an HF checkpoint (config, safetensors, tokenizer: what vLLM loads) into
+CHECKPOINT_DIR/hf/step-N at the end and every `exportEvery` steps; DCP checkpoints (for resuming)
+follow spec.checkpoint.
 
 The job needs only a trainer and this controller: spec.roles.generator.replicas and
 spec.roles.reward.replicas are 0.
@@ -97,7 +97,9 @@ class SFT:
         }
 
     async def export(self) -> str:
-        exported = await self.trainer.export(str(self.job.run_dir / "exports" / f"step-{self.step}"))
+        """An HF checkpoint in CHECKPOINT_DIR/hf/step-N: on the checkpoint volume, where a pod's files outlive it."""
+        out = self.job.run_dir / self.job.spec.checkpoint.dir / "hf" / f"step-{self.step}"
+        exported = await self.trainer.export(str(out))
         log.info("step %d: HF checkpoint in %s", self.step, exported["path"])
         return exported["path"]
 
