@@ -52,6 +52,14 @@ def test_lint(tmp_path: Path) -> None:
         assert "0 chart(s) failed" in out, out
 
 
+def test_values_are_checked(tmp_path: Path) -> None:
+    # values.schema.json: a misspelt or mistyped value is an error, not silently the default.
+    with pytest.raises(AssertionError, match="additional properties 'watchNamespace' not allowed"):
+        render("watchNamespace={team-a}", home=tmp_path)
+    with pytest.raises(AssertionError, match="/clusterWide.*want boolean"):
+        render("clusterWide=maybe", home=tmp_path)
+
+
 def test_default_render(tmp_path: Path) -> None:
     objects = render(home=tmp_path)
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
