@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import shutil
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ def test_default_render(tmp_path: Path) -> None:
     c = container(objects)
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert c["image"] == f"kubeforge/operator:{chart['appVersion']}"
+    # Images are tagged with the package version (docs/images.md), so appVersion must follow it.
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == version, f"helm/forge-operator/Chart.yaml appVersion must be {version}"
     assert c["command"] == ["python", "-m", "kubeforge_operator"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     progress = only(objects, "Service", "forge-operator")["spec"]["ports"][0]
