@@ -79,6 +79,21 @@ def test_the_trainer_refuses_an_unknown_loss_and_a_penalty_without_a_reference()
     penalised.check(small_batch(policy_versions=torch.tensor([0] * 5), ref_logprobs=torch.zeros(5, 6)))
 
 
+def test_packed_rows_need_a_token_level_loss():
+    """A packed row holds several sequences: per-sequence averages (grpo, dr_grpo, gspo) would count it as one."""
+    positions = torch.arange(6).repeat(5, 1)
+    positions[:, 5] = 0  # a second sequence starts at position 5 of every row
+
+    def packed(loss):
+        return small_batch(policy_versions=torch.tensor([0] * 5), position_ids=positions, info={"loss": loss})
+
+    for loss in ("grpo", "dr_grpo", "gspo"):
+        with pytest.raises(BatchError, match=f"position_ids: packed rows need a token-level loss .*'{loss}' is not"):
+            checker(0).check(packed(loss))
+    for loss in ("dapo", "cispo", "sft"):
+        checker(0).check(packed(loss))
+
+
 @pytest.fixture(scope="module")
 def replica_job(tmp_path_factory, tiny_model):
     """A reference replica and a trainer (one rank) that takes its logprobs from the batch."""

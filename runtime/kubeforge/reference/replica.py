@@ -48,6 +48,7 @@ class ReferenceModel:
                     continue
                 length = int(used.max()) + 1
                 ids = micro.input_ids[:, :length].to(self.device)
-                values = policy.token_logprobs(self.model, ids, self.settings.temperature).float().cpu()
+                positions = None if micro.position_ids is None else micro.position_ids[:, :length].to(self.device)
+                values = policy.token_logprobs(self.model, ids, self.settings.temperature, positions).float().cpu()
                 out[start : start + micro.rows, :length] = torch.where(micro.response_mask[:, :length], values, 0.0)
         return out

@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.distributed.utils import clip_grad_norm_
+from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
-from kubeforge.losses import LOSSES, Normalisers, choose, policy_loss
+from kubeforge.losses import LOSSES, Normalise, Normalisers, choose, policy_loss
 from kubeforge.reference.model import load_frozen
 from kubeforge.trainer import model as policy
 from kubeforge.trainer.commands import STOP, Command, CommandChannel
@@ -88,7 +89,7 @@ class Trainer:
         self.model_dir = Path(spec.model.path)
         self.hf_config = policy.read_hf_config(self.model_dir)
         args = policy.model_args_from_hf(self.hf_config)
-        self.adapter = policy.state_dict_adapter(args)
+        self.adapter = Qwen3StateDictAdapter(args, None)
         self.publish_dtype = policy.hf_dtype(self.hf_config)
         mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
@@ -168,7 +169,12 @@ class Trainer:
     def check(self, batch: TrainBatch) -> None:
         """Raise BatchError for a batch this model cannot take (rank 0 asks before any rank sees it)."""
         check_tokens(batch, self.hf_config["vocab_size"], self.model.model_args.max_seq_len)
-        needs_reference = LOSSES[self._loss_name(batch)].policy_gradient and self.settings.kl_coef > 0
+        name = self._loss_name(batch)
+        variant = LOSSES[name]
+        if batch.position_ids is not None and variant.normalise is not Normalise.TOKEN:
+            # Its normalisers count rows as sequences; a packed row holds several.
+            raise BatchError(f"position_ids: packed rows need a token-level loss (dapo, cispo, sft); {name!r} is not")
+        needs_reference = variant.policy_gradient and self.settings.kl_coef > 0
         if needs_reference and batch.ref_logprobs is None and self.reference is None:
             raise BatchError(
                 f"ref_logprobs: missing, and klCoef is {self.settings.kl_coef} with no colocated reference "
