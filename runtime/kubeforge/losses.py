@@ -1,9 +1,9 @@
 """The trainer's losses: the GRPO family, supervised fine-tuning, a KL penalty and truncated importance sampling.
 
-Each variant is one small function with the same signature, `(inputs, eps_low, eps_high) -> [B, T]`
-per-token loss terms, registered in `LOSSES` with how its terms are averaged (`Normalise`) and
-its clip defaults. `policy_loss` does the shared part: the ratio's reference, the TIS weight, the
-KL term and the average. docs/algorithms.md gives every formula.
+Each variant is one small function with the same signature, `(inputs, eps_low, eps_high) ->
+(per-token loss terms [B, T], where its clip acted [B, T])`, registered in `LOSSES` with how its
+terms are averaged (`Normalise`) and its clip defaults. `policy_loss` does the shared part: the
+ratio's reference, the TIS weight, the KL term and the average. docs/algorithms.md gives every formula.
 
 Data parallelism: every normaliser (tokens, sequences, longest response) is the whole batch's
 (`Normalisers.of(batch mask)`), handed to each rank and micro-batch, so the ranks' losses and
