@@ -35,6 +35,8 @@ from kubeforge.batch import TrainBatch
 from kubeforge.controller import Job
 from kubeforge.controller.generators import GeneratorPool
 from kubeforge.episodes import EpisodeId, Ledger, State
+from kubeforge.evaluation import summarize
+from kubeforge.report import plot_reward_curve
 from kubeforge.rewards import RewardClient
 from kubeforge.trainer.client import TrainerClient
 from transformers import AutoTokenizer
@@ -56,6 +58,10 @@ class Config:
     eval_every: int = 10
     warmup_steps: int = 0  # supervised steps on the train split before RL (see `warmup_batch`)
     max_new_tokens: int = 0  # 0: the task's own
+    # Held-out evaluation: 1 sample per prompt is greedy; more are sampled at `temperature` and
+    # give pass@k for k = 1 and evalSamples (a sample passes when the first reward in
+    # spec.algorithm.rewards, the correctness one, is 1).
+    eval_samples: int = 1
 
     @classmethod
     def from_algorithm(cls, algorithm: dict[str, Any]) -> Config:
@@ -240,14 +246,23 @@ class GRPO:
     # -- stages ------------------------------------------------------------------------------
 
     async def evaluate(self) -> dict[str, Any]:
-        """Mean reward (and each component) of greedy completions on the held-out split."""
-        version = self.policy_version
+        """Mean reward (and each component) on the held-out split, and pass@k of its first component."""
+        version, n = self.policy_version, self.cfg.eval_samples
+        temperature = 0.0 if n == 1 else self.cfg.temperature
         rollouts = await self.policy.rollouts(
-            self.task.held_out, n=1, max_tokens=self.max_tokens, temperature=0.0, seed=0
+            self.task.held_out, n=n, max_tokens=self.max_tokens, temperature=temperature, seed=0
         )
         scores = await self.rewards.score(self.task.name, score_items(rollouts))
         means = {f"eval_{name}": sum(v) / len(v) for name, v in scores["components"].items()}
-        return {"eval_reward": sum(scores["rewards"]) / len(scores["rewards"]), "eval_policy_version": version, **means}
+        correctness = next(iter(scores["components"].values()))
+        per_prompt = [correctness[i : i + n] for i in range(0, len(correctness), n)]
+        passes = summarize(per_prompt, ks={1, n}, threshold=1.0)
+        return {
+            "eval_reward": sum(scores["rewards"]) / len(scores["rewards"]),
+            "eval_policy_version": version,
+            **means,
+            **{f"eval_pass@{k}": passes[f"pass@{k}"] for k in sorted({1, n})},
+        }
 
     async def warmup(self) -> dict[str, Any]:
         """Supervised warm-up so that RL starts from a policy with some reward; logged as step 0."""
@@ -464,7 +479,7 @@ def write_summary(job: Job, cfg: Config, history: list[dict[str, Any]], seconds:
         columns[f"after {evals[-1]['step']} steps"] = evals[-1]
     if columns:
         print_summary(columns, seconds)
-    plot(history, job.run_dir / "reward.png")
+    plot_reward_curve(history, job.run_dir / "reward.png")
 
 
 def print_summary(columns: dict[str, dict[str, float]], seconds: float) -> None:
@@ -474,24 +489,6 @@ def print_summary(columns: dict[str, dict[str, float]], seconds: float) -> None:
     lines += [f"{k[5:]:<16}" + "".join(f"{c.get(k, float('nan')):>16.3f}" for c in columns.values()) for k in keys]
     lines.append(f"wall time {seconds:.0f} s")
     log.info("summary:\n%s", "\n".join(lines))
-
-
-def plot(history: list[dict[str, Any]], path: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in history if "reward_mean" in r]
-    evals = [r for r in history if "eval_reward" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward")
-    ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    log.info("reward curve in %s", path)
 
 
 def cli(argv: list[str] | None = None) -> int:
