@@ -19,7 +19,7 @@ from apps.sft.data import (
     DataError,
     Example,
     conversation,
-    load_split,
+    load_examples,
     pack,
     synthetic_rows,
     to_batch,
@@ -198,21 +198,18 @@ def test_unsupported_checkpoints_name_the_config_field():
 # -- data files and settings -----------------------------------------------------------------------------
 
 
-def test_splits_come_from_a_directory_or_slices_of_one_file(tmp_path):
+def test_examples_come_from_a_directory_or_slices_of_one_file(tmp_path, tokenizer):
     data = write_synthetic(tmp_path / "data", train=40, test=8)
-    assert len(load_split(str(data), "train")) == 40 and len(load_split(str(data), "test")) == 8
-    train_words = {r["messages"][1]["content"] for r in load_split(str(data), "train")}
-    assert train_words.isdisjoint(r["messages"][1]["content"] for r in load_split(str(data), "test"))
+    train, cut = load_examples(str(data), "train", tokenizer, max_length=128)
+    assert len(train) == 40 and cut == 0 and len(load_examples(str(data), "test", tokenizer, 128)[0]) == 8
+    words = [json.loads(line)["messages"][1]["content"] for line in (data / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line)["messages"][1]["content"] for line in (data / "test.jsonl").read_text().splitlines()]
+    assert set(words).isdisjoint(held_out)
     one_file = str(data / "train.jsonl")
-    assert len(load_split(one_file, "train[:75%]")) == 30 and len(load_split(one_file, "train[75%:]")) == 10
-    with pytest.raises(DataError, match="split 'test': a single file holds only the split 'train'"):
-        load_split(one_file, "test")
-    with pytest.raises(DataError, match=r"split 'validation': no validation.jsonl or validation.parquet"):
-        load_split(str(data), "validation")
-    with pytest.raises(DataError, match="spec.dataset.path: .* does not exist"):
-        load_split(str(tmp_path / "nowhere"), "train")
+    assert len(load_examples(one_file, "train[:75%]", tokenizer, 128)[0]) == 30
+    assert load_examples(one_file, "train[75%:]", tokenizer, 128)[0] == train[30:]
     with pytest.raises(DataError, match="spec.dataset.path: not set"):
-        load_split(None, "train")
+        load_examples(None, "train", tokenizer, 128)
 
 
 def test_a_bad_algorithm_value_names_the_field():
@@ -243,7 +240,7 @@ def held_out_loss(model_dir: Path, data: Path, max_length: int) -> float:
     """Token-mean NLL of the held-out split's trained tokens, one example at a time, in transformers."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    examples, _ = tokenize_split(load_split(str(data), "test"), tokenizer, max_length)
+    examples, _ = load_examples(str(data), "test", tokenizer, max_length)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for e in examples:

@@ -1,6 +1,7 @@
 """SFT data: local JSONL or Parquet rows -> chat-templated token ids with a loss mask -> packed rows.
 
-Two row formats (one per file; `datasets` infers the columns):
+Splits are read by kubeforge.data.files (a file, or a directory with a file per split; slices).
+Two row formats:
 - chat: {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}; every
   assistant turn is trained on.
 - prompt/completion: {"prompt": "...", "completion": "..."}; each may also be a list of messages.
@@ -15,17 +16,14 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset
 from kubeforge.batch import TrainBatch
-
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+from kubeforge.data.files import load_table
 
 
 class DataError(ValueError):
@@ -40,42 +38,6 @@ class Example:
     @property
     def trained(self) -> int:
         return sum(self.mask)
-
-
-def _split_name(split: str) -> str:
-    """ "train[:90%]" -> "train": the split a slice is taken from."""
-    return re.sub(r"\[.*\]$", "", split)
-
-
-def load_split(path: str | None, split: str, cache_dir: str | None = None) -> Dataset:
-    """One split of a local JSONL or Parquet data set: a file (its only split is "train"; slices such
-    as train[:90%] and train[90%:] divide it) or a directory with SPLIT.jsonl / SPLIT.parquet
-    (or SPLIT-*.jsonl / SPLIT-*.parquet shards)."""
-    if not path:
-        raise DataError("spec.dataset.path: not set; give a local JSONL or Parquet file, or a directory of them")
-    where = Path(path)
-    if not where.exists():
-        raise DataError(f"spec.dataset.path: {path!r} does not exist (SFT reads local JSONL or Parquet; no downloads)")
-    name = _split_name(split)
-    if where.is_file():
-        if where.suffix not in FORMATS:
-            raise DataError(f"spec.dataset.path: {path!r}; expected a file ending in {', '.join(FORMATS)}")
-        if name != "train":
-            raise DataError(
-                f"split {split!r}: a single file holds only the split 'train'; use slices (split: train[:90%], "
-                "evalSplit: train[90%:]) or a directory with one file per split"
-            )
-        files = [where]
-    else:
-        files = sorted(f for pattern in (name, f"{name}-*") for f in where.glob(pattern + ".*") if f.suffix in FORMATS)
-        if not files:
-            raise DataError(
-                f"split {split!r}: no {name}.jsonl or {name}.parquet (or {name}-*.jsonl/.parquet) in {path!r}"
-            )
-    kinds = {FORMATS[f.suffix] for f in files}
-    if len(kinds) > 1:
-        raise DataError(f"split {split!r}: mixes JSONL and Parquet files in {path!r}; use one format per split")
-    return load_dataset(kinds.pop(), data_files={name: [str(f) for f in files]}, split=split, cache_dir=cache_dir)
 
 
 def conversation(row: dict[str, Any], index: int) -> tuple[list[dict[str, str]], list[bool]]:
@@ -136,6 +98,14 @@ def tokenize_split(dataset: Iterable[dict[str, Any]], tokenizer: Any, max_length
     if not examples:
         raise DataError("the split has no example with a trained token (assistant turn or completion)")
     return examples, cut
+
+
+def load_examples(path: str | None, split: str, tokenizer: Any, max_length: int) -> tuple[list[Example], int]:
+    """`tokenize_split` of one split of spec.dataset.path (kubeforge.data.files: a file, or a directory
+    with a file or shards per split; slices such as train[:95%])."""
+    if not path:
+        raise DataError("spec.dataset.path: not set; SFT reads a local JSONL or Parquet file, or a directory of them")
+    return tokenize_split(load_table(path, split), tokenizer, max_length)
 
 
 def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:

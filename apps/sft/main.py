@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from transformers import AutoTokenizer
 
-from apps.sft.data import Example, epochs, load_split, pack, to_batch, tokenize_split
+from apps.sft.data import Example, epochs, load_examples, pack, to_batch
 
 log = logging.getLogger("apps.sft")
 
@@ -109,11 +109,10 @@ async def main(job: Job) -> None:
     dataset = job.spec.dataset
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cache = str(job.run_dir / "datasets-cache")
-    train, cut = tokenize_split(load_split(dataset.path, dataset.split, cache), tokenizer, cfg.max_length)
+    train, cut = load_examples(dataset.path, dataset.split, tokenizer, cfg.max_length)
     held_out: list[Example] = []
     if dataset.eval_split:
-        held_out, _ = tokenize_split(load_split(dataset.path, dataset.eval_split, cache), tokenizer, cfg.max_length)
+        held_out, _ = load_examples(dataset.path, dataset.eval_split, tokenizer, cfg.max_length)
         held_out = held_out[: cfg.eval_max_examples or None]
     log.info("%d train examples (%d cut to %d tokens), %d held out", len(train), cut, cfg.max_length, len(held_out))
 
