@@ -28,6 +28,7 @@ from kubeforge.contract import HTTP_PORT, RoleContext
 log = logging.getLogger("kubeforge.role")
 
 EXIT_PORT_IN_USE = 3
+STOP_SECONDS = 5.0  # how long a stopping role waits for its open HTTP requests
 
 # Every runtime metric carries these, from the environment contract. Prometheus must scrape with
 # honor_labels (a ServiceMonitor's honorLabels), or its own `job` label renames ours to exported_job.
@@ -136,7 +137,11 @@ async def run_role(server: RoleServer, body: Callable[[], Awaitable[None]]) -> i
     """Serve `server` and run `body` beside it; return the process exit code."""
     ctx = server.ctx
     sock = bind(ctx.http_host, ctx.http_port)
-    config = uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off")
+    # A bounded graceful stop: a connection accepted while the server closes (Prometheus scraping
+    # every second, say) is never told to close, and would keep a finished role alive forever.
+    config = uvicorn.Config(
+        server.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=STOP_SECONDS
+    )
     http = _Server(config)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
     body_task = asyncio.create_task(body(), name="body")
