@@ -3,7 +3,7 @@
 #   bench/gpu.sh [b1] [b6] [b9]      (default: all three; tables printed last)
 #   b1: weight sync, Qwen3-0.6B and 1.7B sizes, trainer GPUs x receiver GPUs in $B1_CASES (4 GPUs)
 #   b6: trainer step (GRPO) vs torchtitan's step, Qwen3-1.7B size, 1 then 2 GPUs
-#   b9: weight sync, Qwen3-8B size, FSDP2 over 2 trainer GPUs -> 2 receivers (4 GPUs)
+#   b9: weight sync, Qwen3-8B size, FSDP2 over 2 trainer GPUs -> 2 receivers ($B9_CASES; 4 GPUs)
 # The GPU image has torch but not torchtitan or pydantic: wheels from $WHEELS (runs/gpu-wheels, see
 # bench/README.md) are installed to /tmp/site when they are missing. Results: $OUT (runs/bench/gpu).
 set -uo pipefail
@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/bench/gpu}
 WHEELS=${WHEELS:-runs/gpu-wheels}
-B1_CASES=${B1_CASES:-1x1,1x2,1x3,2x1,2x2}
+GPUS=$(nvidia-smi -L | wc -l)
+# Trainer GPUs x receiver GPUs. On 2 GPUs, 2x1 puts the receiver on trainer rank 1's GPU (shared).
+if [ "$GPUS" -ge 4 ]; then B1=1x1,1x2,1x3,2x1,2x2 B9=2x2; else B1=1x1,2x1 B9=1x1,2x1; fi
+B1_CASES=${B1_CASES:-$B1}
+B9_CASES=${B9_CASES:-$B9}
 mkdir -p "$OUT"
 if ! python3 -c 'import torchtitan, pydantic' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
@@ -28,15 +32,22 @@ status=0
 for step in "${steps[@]}"; do
   case $step in
     b1) cmd=(python3 bench/weight_sync_bench.py --models qwen3-0.6b,qwen3-1.7b --cases "$B1_CASES"
-             --bucket-mb 32,64,128,256,512 --rounds 5 --out "$OUT/b1.json") ;;
+             --bucket-mb 32,64,256,1024 --rounds 4 --out "$OUT/b1.json") ;;
     b6) cmd=(bash -c "for n in 1 2; do python3 -m torch.distributed.run --nproc-per-node \$n bench/trainer_bench.py \
              --model qwen3-1.7b --seq 2048 --rows-per-rank 16 --micro 4 --out $OUT/b6-\$n.json || exit; done") ;;
-    b9) cmd=(python3 bench/weight_sync_bench.py --models qwen3-8b --cases 2x2 --bucket-mb 256,1024 --rounds 5
+    b9) cmd=(python3 bench/weight_sync_bench.py --models qwen3-8b --cases "$B9_CASES" --bucket-mb 256,1024 --rounds 4
              --out "$OUT/b9.json") ;;
     *) echo "unknown step $step: expected b1, b6 or b9" >&2; exit 2 ;;
   esac
   echo "== $step: ${cmd[*]}"
-  "${cmd[@]}" > "$OUT/$step.log" 2>&1 || { status=1; echo "== $step FAILED"; tail -40 "$OUT/$step.log"; }
+  # A step that hangs (a collective whose peer died) must not take the other steps' time: it runs
+  # in a process group of its own, ended whole (its spawned ranks too) after STEP_TIMEOUT_S.
+  setsid "${cmd[@]}" > "$OUT/$step.log" 2>&1 &
+  pid=$!
+  (sleep "${STEP_TIMEOUT_S:-240}"; kill -- "-$pid" 2>/dev/null) &
+  watchdog=$!
+  wait "$pid" || { status=1; echo "== $step FAILED"; grep -v -E '^frame #|Warning' "$OUT/$step.log" | tail -25; }
+  kill "$watchdog" 2>/dev/null
 done
 for step in "${steps[@]}"; do
   echo "== $step"

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import _random as dtensor_random
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
@@ -165,6 +166,7 @@ class Result:
     model: str
     trainers: int
     receivers: int
+    gpus: int  # distinct GPUs: fewer than trainers + receivers when a receiver shares a trainer rank's
     bucket_mib: int
     buckets: int
     gbytes: float
@@ -237,20 +239,23 @@ class Bench:
     def __init__(self, rank: int, world: int, args: argparse.Namespace):
         self.rank, self.world, self.args = rank, world, args
         cuda = args.backend == "nccl"
-        self.device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        # With fewer GPUs than ranks, the last GPU takes the extra ranks: a receiver then shares the
+        # GPU of the last trainer rank (never the sender's: an NCCL group needs distinct GPUs).
+        self.gpus = torch.cuda.device_count() if cuda else world
+        self.device = torch.device("cuda", min(rank, self.gpus - 1)) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
+        # gloo for the bench's own coordination; the NCCL groups are the FSDP meshes and weight sync.
         dist.init_process_group(
-            args.backend,
+            "gloo",
             init_method=f"tcp://127.0.0.1:{args.ports[0]}",
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=10),
-            **({"device_id": self.device} if cuda else {}),
         )
         # FSDP meshes over ranks 0..T-1 for every T (new_group is collective over all ranks).
         trainers = sorted({t for t, _ in args.cases})
-        self.meshes = {t: dist.new_group(list(range(t))) for t in trainers}
+        self.meshes = {t: dist.new_group(list(range(t)), backend=args.backend) for t in trainers}
         self.sync_addr = f"127.0.0.1:{args.ports[1]}"
         self.sender = WeightSender(self.sync_addr, backend=args.backend, device=self.device) if rank == 0 else None
         self.store: dist.Store | None = None
@@ -292,6 +297,9 @@ class Bench:
         args = policy.model_args_from_hf(config)
         mesh = DeviceMesh.from_group(self.meshes[trainers], self.device.type, mesh_dim_names=("fsdp",))
         param_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # as Trainer.__init__
+        # DTensor's random init would otherwise seed its RNG tracker with a broadcast over the whole
+        # default group, which the receivers never join: seed it on the trainer mesh alone.
+        dtensor_random.manual_seed(0, mesh)
         model = policy.build_model(args, mesh, self.device, param_dtype)
         return model, Qwen3StateDictAdapter(args, None), policy.hf_dtype(config)
 
@@ -389,6 +397,7 @@ class Bench:
                     model=name,
                     trainers=trainers,
                     receivers=receivers,
+                    gpus=min(trainers + receivers, self.gpus),
                     bucket_mib=bucket_mib,
                     buckets=len(weight_sync.plan_buckets(params, bucket_bytes)),
                     gbytes=total / 1e9,
@@ -437,13 +446,13 @@ def _entry(rank: int, world: int, args: argparse.Namespace) -> None:
 
 def print_table(results: list[Result]) -> None:
     header = (
-        "model        TxR  bucket  n    GB    total ms  (median)  raw ms  ratio  pause ms | "
+        "model        TxR  GPUs bucket  n    GB    total ms  (median)  raw ms  ratio  pause ms | "
         "instrumented: gather+pack  wire  unpack+load"
     )
     print(header)
     for r in results:
         print(
-            f"{r.model:<12} {r.trainers}x{r.receivers} {r.bucket_mib:>5}M {r.buckets:>4} {r.gbytes:>5.2f} "
+            f"{r.model:<12} {r.trainers}x{r.receivers} {r.gpus:>4} {r.bucket_mib:>5}M {r.buckets:>4} {r.gbytes:>5.2f} "
             f"{r.total_ms:>9.1f} {r.total_median_ms:>9.1f} {r.raw_ms:>7.1f} {r.ratio:>6.2f} {r.pause_ms:>9.1f} | "
             f"{r.gather_pack_ms:>25.1f} {r.wire_ms:>5.1f} {r.load_ms:>12.1f}"
         )
@@ -472,8 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--models: unknown {unknown}; known: {', '.join(QWEN3)}")
     world = max(t + r for t, r in args.cases)
-    if args.backend == "nccl" and world > torch.cuda.device_count():
-        parser.error(f"--cases need {world} GPUs, this machine has {torch.cuda.device_count()}")
+    if args.backend == "nccl" and max(r for _, r in args.cases) + 1 > torch.cuda.device_count():
+        parser.error(f"--cases: the sender and each receiver need a GPU of their own; {torch.cuda.device_count()} here")
     args.ports = []
     for _ in range(2):
         with socket.socket() as s:
