@@ -25,7 +25,6 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.distributed.utils import clip_grad_norm_
-from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
@@ -89,7 +88,7 @@ class Trainer:
         self.model_dir = Path(spec.model.path)
         self.hf_config = policy.read_hf_config(self.model_dir)
         args = policy.model_args_from_hf(self.hf_config)
-        self.adapter = Qwen3StateDictAdapter(args, None)
+        self.adapter = policy.state_dict_adapter(args)
         self.publish_dtype = policy.hf_dtype(self.hf_config)
         mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
