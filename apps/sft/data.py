@@ -70,10 +70,11 @@ def tokenize(tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]
     mask = [False] * len(ids)
     cursor = 0
     for message, train in zip(messages, trained, strict=True):
-        start = text.find(message["content"], cursor)
+        content = message["content"].strip()  # templates such as Llama 3's trim each turn
+        start = text.find(content, cursor)
         if start < 0:
             raise DataError(f"row {index}: the chat template does not render a {message['role']} turn's content as is")
-        end = cursor = start + len(message["content"])
+        end = cursor = start + len(content)
         if not train:
             continue
         inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
