@@ -4,8 +4,8 @@
 # Usage: bin="$(testbed/prometheus.sh | tail -n1)"   (progress on stderr; the binary's path is
 #        the last stdout line)
 #
-# The package is downloaded and unpacked (`dpkg -x`) into the cache, never installed: no root,
-# no service started, nothing of the system's apt or dpkg state changed. apt works with package
+# The package is downloaded and unpacked (`dpkg -x`) into the cache, never installed: no service
+# started, nothing of the system's apt or dpkg state changed. apt works with package
 # lists of its own under the cache, refreshed from the machine's sources, so the script behaves
 # the same on a fresh CI machine whose lists are missing or stale. Idempotent: a cached binary
 # that runs is reused.
