@@ -3,6 +3,7 @@
 #   bench/gpu.sh [b1] [b6] [b9]      (default: all three; tables printed last)
 #   b1: weight sync, Qwen3-0.6B and 1.7B sizes, trainer GPUs x receiver GPUs in $B1_CASES (4 GPUs)
 #   b6: trainer step (GRPO) vs torchtitan's step, Qwen3-1.7B size, 1 then 2 GPUs
+#   gaps: bench/profile_gaps.py, the trainer's functions against candidate fixes (not run by default)
 #   b9: weight sync, Qwen3-8B size, FSDP2 over 2 trainer GPUs -> 2 receivers ($B9_CASES; 4 GPUs)
 # The GPU image has torch but not torchtitan or pydantic: wheels from $WHEELS (runs/gpu-wheels, see
 # bench/README.md) are installed to /tmp/site when they are missing. Results: $OUT (runs/bench/gpu).
@@ -33,10 +34,12 @@ for step in "${steps[@]}"; do
   case $step in
     b1) cmd=(python3 bench/weight_sync_bench.py --models qwen3-0.6b,qwen3-1.7b --cases "$B1_CASES"
              --bucket-mb 32,64,256,1024 --rounds 4 --out "$OUT/b1.json") ;;
-    b6) cmd=(bash -c "for n in 1 2; do python3 -m torch.distributed.run --nproc-per-node \$n bench/trainer_bench.py \
-             --model qwen3-1.7b --seq 2048 --rows-per-rank 16 --micro 4 --out $OUT/b6-\$n.json || exit; done") ;;
+    b6) cmd=(bash -c "for n in ${B6_GPUS:-1 2}; do python3 -m torch.distributed.run --nproc-per-node \$n bench/trainer_bench.py \
+             --model qwen3-1.7b --seq 2048 --rows-per-rank 16 --micro 4 --order ${B6_ORDER:-kubeforge-first} \
+             --out $OUT/b6-\$n.json || exit; done") ;;
     b9) cmd=(python3 bench/weight_sync_bench.py --models qwen3-8b --cases "$B9_CASES" --bucket-mb 256,1024 --rounds 4
              --out "$OUT/b9.json") ;;
+    gaps) cmd=(python3 -m torch.distributed.run --nproc-per-node 1 bench/profile_gaps.py --model qwen3-1.7b) ;;
     *) echo "unknown step $step: expected b1, b6 or b9" >&2; exit 2 ;;
   esac
   echo "== $step: ${cmd[*]}"
@@ -51,6 +54,6 @@ for step in "${steps[@]}"; do
 done
 for step in "${steps[@]}"; do
   echo "== $step"
-  grep -A30 -E '^(model +TxR|side +GPUs)' "$OUT/$step.log" | grep -v -E '^\[|Warning|warn'
+  grep -A30 -E '^(model +TxR|side +GPUs|qwen3-)' "$OUT/$step.log" | grep -v -E '^\[|Warning|warn'
 done
 exit $status
