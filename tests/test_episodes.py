@@ -15,7 +15,15 @@ def test_episodes_move_forward_and_are_counted_once():
     ledger.move(ids[:2], State.TRAINED)
     ledger.move(ids[2:], State.DROPPED_STALE)
     counts = ledger.counts()
-    assert counts == {"in_flight": 0, "scored": 0, "buffered": 0, "trained": 2, "dropped_stale": 1, "failed": 0}
+    assert counts == {
+        "in_flight": 0,
+        "scored": 0,
+        "buffered": 0,
+        "trained": 2,
+        "dropped_stale": 1,
+        "filtered": 0,
+        "failed": 0,
+    }
     assert ledger.version((0, 2)) == 5
 
 

@@ -9,25 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from apps.grpo.main import Config, Rollouts, build_batch, group_advantages
+from apps.grpo.main import Config, Rollouts, build_batch
 from apps.grpo.task import CopyTask, Example
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_advantages_are_normalised_within_each_group():
-    adv = torch.tensor(group_advantages([1.0, 0.0, 1.0, 0.0, 5.0, 5.0, 5.0, 9.0], group_size=4)).view(2, 4)
-    assert adv.mean(dim=1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
-    assert adv.std(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
-    assert adv[0].tolist() == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)
-    assert adv[1].argmax() == 3  # the one better sample of the second group
-
-
-def test_a_group_without_signal_has_zero_advantages():
-    assert group_advantages([0.3, 0.3, 0.3], group_size=3) == [0.0, 0.0, 0.0]
-    assert group_advantages([0.3, 0.7], group_size=1) == [0.0, 0.0]
 
 
 def test_batch_rows_are_prompt_then_completion_with_versions():
@@ -96,7 +82,7 @@ def test_example_job_raises_the_held_out_reward(tmp_path):
     assert ledger["counts"]["trained"] == 40 * 16 * 8  # steps x prompts x group: every episode trained once
 
 
-def test_warmup_batch_is_the_answer_then_eos_with_zero_behaviour_logprobs(tmp_path):
+def test_warmup_batch_is_the_answer_then_eos_trained_with_the_sft_loss(tmp_path):
     from kubeforge.tiny_model import write_tiny_model
     from transformers import AutoTokenizer
 
@@ -109,11 +95,11 @@ def test_warmup_batch_is_the_answer_then_eos_with_zero_behaviour_logprobs(tmp_pa
     eos = tokenizer.eos_token_id
     assert batch.input_ids[0].tolist() == [*prompt, *tokenizer("ab", add_special_tokens=False)["input_ids"], eos]
     assert batch.response_mask[0].tolist() == [False] * len(prompt) + [True] * 3
-    assert batch.behaviour_logprobs.abs().sum() == 0 and batch.advantages.tolist() == [1.0]
+    assert batch.info["loss"] == "sft"  # cross-entropy on the answer, whatever the job's RL loss
     assert batch.policy_versions.tolist() == [4]
     assert policy.decode(batch.input_ids[0, len(prompt) :].tolist()) == "ab"  # stops at <eos>
 
 
 def test_a_bad_algorithm_value_names_the_field():
-    with pytest.raises(ValueError, match=r"spec.algorithm.groupSize: got 'many'; expected int"):
+    with pytest.raises(ValueError, match=r"spec.algorithm.groupSize: got 'many'; Input should be a valid integer"):
         Config.from_algorithm({"groupSize": "many"})

@@ -241,8 +241,8 @@ def test_dapo_with_symmetric_clip_is_the_previous_token_level_loss():
     [
         ({"loss": "ppo"}, "spec.algorithm.loss: got 'ppo'; expected one of 'grpo', 'dr_grpo', 'dapo', 'gspo'"),
         ({"klEstimator": "k2"}, "spec.algorithm.klEstimator: got 'k2'; expected one of 'k1', 'k3'"),
-        ({"tisCap": -1}, r"spec.algorithm.tisCap: got -1.0; expected a number >= 0"),
-        ({"clipEpsHigh": "wide"}, "spec.algorithm.clipEpsHigh: got 'wide'; expected float"),
+        ({"tisCap": -1}, r"spec.algorithm.tisCap: got -1; Input should be greater than or equal to 0"),
+        ({"clipEpsHigh": "wide"}, "spec.algorithm.clipEpsHigh: got 'wide'; Input should be a valid number"),
     ],
 )
 def test_bad_settings_name_the_field(algorithm, message):

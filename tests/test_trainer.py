@@ -216,7 +216,7 @@ def test_settings_come_from_the_algorithm_section():
     settings = TrainerSettings.from_algorithm({"lr": 3e-6, "clipEpsHigh": 0.28, "microBatchSize": 4, "groupSize": 8})
     assert (settings.lr, settings.clip_eps_high, settings.micro_batch_size) == (3e-6, 0.28, 4)
     assert settings.clip_eps_low is None and settings.betas == (0.9, 0.999)  # None: the loss variant's default
-    with pytest.raises(ValueError, match="spec.algorithm.lr: got 'fast'; expected float"):
+    with pytest.raises(ValueError, match="spec.algorithm.lr: got 'fast'; Input should be a valid number"):
         TrainerSettings.from_algorithm({"lr": "fast"})
 
 

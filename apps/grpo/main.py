@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
+from kubeforge.advantages import group_advantages, informative_groups
+from kubeforge.algorithm import AlgorithmSettings
 from kubeforge.batch import TrainBatch
 from kubeforge.controller import Job
 from kubeforge.controller.generators import GeneratorPool
@@ -39,6 +40,7 @@ from kubeforge.evaluation import summarize
 from kubeforge.report import plot_reward_curve
 from kubeforge.rewards import RewardClient
 from kubeforge.trainer.client import TrainerClient
+from pydantic import Field
 from transformers import AutoTokenizer
 
 from apps.grpo.gsm8k import GSM8KTask
@@ -47,36 +49,22 @@ from apps.grpo.task import CopyTask, Example, Task
 log = logging.getLogger("apps.grpo")
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(AlgorithmSettings):
     """spec.algorithm keys the loop reads (camelCase in YAML); the trainer reads its own (lr, ...)."""
 
     seed: int = 0
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0  # the trainer reads the same key: its logprobs must match the sampling
-    eval_every: int = 10
-    warmup_steps: int = 0  # supervised steps on the train split before RL (see `warmup_batch`)
-    max_new_tokens: int = 0  # 0: the task's own
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)  # the trainer reads the same key: its logprobs must match the sampling
+    eval_every: int = Field(10, ge=1)
+    warmup_steps: int = Field(0, ge=0)  # supervised steps on the train split before RL (see `warmup_batch`)
+    max_new_tokens: int = Field(0, ge=0)  # 0: the task's own
     # Held-out evaluation: 1 sample per prompt is greedy; more are sampled at `temperature` and
     # give pass@k for k = 1 and evalSamples (a sample passes when the first reward in
     # spec.algorithm.rewards, the correctness one, is 1).
-    eval_samples: int = 1
-
-    @classmethod
-    def from_algorithm(cls, algorithm: dict[str, Any]) -> Config:
-        values = {}
-        for f in fields(cls):
-            head, *rest = f.name.split("_")
-            key = head + "".join(part.title() for part in rest)
-            if key in algorithm:
-                kind = type(f.default)
-                try:
-                    values[f.name] = kind(algorithm[key])
-                except (TypeError, ValueError):
-                    got = algorithm[key]
-                    raise ValueError(f"spec.algorithm.{key}: got {got!r}; expected {kind.__name__}") from None
-        return cls(**values)
+    eval_samples: int = Field(1, ge=1)
+    loss: str = "grpo"  # the trainer reads the same key; dr_grpo's advantages are not divided by the std
+    dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ
 
 
 @dataclass
@@ -105,16 +93,6 @@ class Batch:
     advantages: list[float]
     end_position: int  # the stream position after this batch's prompts
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> list[float]:
-    """GRPO advantages: each reward minus its group's mean, over the group's std.
-
-    A group whose samples all scored the same has no signal: its advantages are 0.
-    """
-    r = torch.tensor(rewards, dtype=torch.float32).view(-1, group_size)
-    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r)
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).flatten().tolist()
 
 
 def build_batch(rollouts: Rollouts, advantages: Sequence[float], step: int) -> TrainBatch:
@@ -169,14 +147,8 @@ class Policy:
 
 
 def warmup_batch(policy: Policy, examples: list[Example], version: int) -> TrainBatch:
-    """A supervised batch (prompt -> answer + <eos>) for the trainer's GRPO loss.
-
-    With behaviour log-probabilities of 0 (as if the answer had been sampled with probability 1)
-    the ratio is r = p(token) <= 1 < 1 + clipEpsHigh, so with advantage 1 the unclipped term
-    -r * A is taken: the loss is -p(token), whose gradient p * grad(log p) is the SFT gradient
-    weighted by each token's probability. Adam normalises each parameter's step, so the small
-    scale at the start (p ~ 1/vocab) does not slow it down.
-    """
+    """A supervised batch (prompt -> answer + <eos>), trained with the `sft` loss (cross-entropy on
+    the answer) whatever the job's RL loss; logprobs and advantages are placeholders it ignores."""
     eos = policy.tokenizer.eos_token_id
     answers = [policy.tokenizer(e.answer, add_special_tokens=False)["input_ids"] + [eos] for e in examples]
     return TrainBatch.from_sequences(
@@ -185,7 +157,7 @@ def warmup_batch(policy: Policy, examples: list[Example], version: int) -> Train
         logprobs=[[0.0] * len(a) for a in answers],
         advantages=[1.0] * len(examples),
         policy_versions=[version] * len(examples),
-        info={"warmup": True},
+        info={"warmup": True, "loss": "sft"},
     )
 
 
@@ -311,7 +283,7 @@ class GRPO:
             rollouts=rollouts,
             rewards=scores["rewards"],
             components=scores["components"],
-            advantages=group_advantages(scores["rewards"], cfg.group_size),
+            advantages=group_advantages(scores["rewards"], cfg.group_size, scale_by_std=cfg.loss != "dr_grpo"),
             end_position=self.position,
             seconds={"generate_seconds": t1 - t0, "reward_seconds": t2 - t1},
         )
@@ -321,11 +293,18 @@ class GRPO:
         versions = batch.rollouts.policy_versions
         staleness = self.policy_version - min(versions)  # versions behind the weights it trains
         oldest = self.policy_version - self.staleness
-        fresh = [i for i, v in enumerate(batch.rollouts.policy_versions) if v >= oldest]
-        stale = [batch.episodes[i] for i in range(len(batch.episodes)) if i not in set(fresh)]
+        rows = range(len(batch.episodes))
+        fresh = [i for i in rows if versions[i] >= oldest]
+        stale = [batch.episodes[i] for i in rows if versions[i] < oldest]
         if stale:
             log.warning("dropping %d samples older than policy version %d", len(stale), oldest)
             self.ledger.move(stale, State.DROPPED_STALE)
+        filtered = []
+        if self.cfg.dynamic_sampling:
+            informative = informative_groups(batch.rewards, self.cfg.group_size)
+            filtered = [batch.episodes[i] for i in fresh if not informative[i // self.cfg.group_size]]
+            fresh = [i for i in fresh if informative[i // self.cfg.group_size]]
+            self.ledger.move(filtered, State.FILTERED)
         t0 = time.perf_counter()
         trained = {"loss": None, "grad_norm": None, "ratio_mean": None}
         if fresh:
@@ -357,6 +336,7 @@ class GRPO:
             "step_seconds": step_seconds,  # since the previous step ended: what async overlapping shortens
             "staleness_max": staleness,
             "dropped_stale": len(stale),
+            "filtered": len(filtered),
             "episodes": self.ledger.counts(),
             "sample": f"{batch.rollouts.examples[0].prompt!r} -> {batch.rollouts.completions[0]!r}",
         }
@@ -408,13 +388,11 @@ class GRPO:
         metrics.flush()
         self.history.append(row)
         log_step(row)
-        if "reward_mean" in row:
-            self.job.report(row["step"], policy_version=row["policy_version"], reward_mean=row["reward_mean"],
-                            weight_sync_seconds=row["sync_seconds"])  # fmt: skip
+        self.job.record(row)  # metrics and progress (docs/metrics.md)
 
 
 async def main(job: Job) -> None:
-    cfg = Config.from_algorithm(job.spec.algorithm or {})
+    cfg = Config.from_algorithm(job.spec.algorithm)
     # spec.dataset.path names GSM8K-style files; without it the job runs the synthetic copy task.
     task = GSM8KTask.from_spec(job.spec, seed=cfg.seed) if job.spec.dataset.path else CopyTask(seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)

@@ -25,10 +25,10 @@ import sys
 import time
 from typing import Any
 
+from kubeforge.algorithm import AlgorithmSettings
 from kubeforge.controller import Job
 from kubeforge.trainer.client import TrainerClient
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 from transformers import AutoTokenizer
 
 from apps.sft.data import Example, epochs, load_examples, pack, to_batch
@@ -36,10 +36,8 @@ from apps.sft.data import Example, epochs, load_examples, pack, to_batch
 log = logging.getLogger("apps.sft")
 
 
-class Config(BaseModel):
+class Config(AlgorithmSettings):
     """spec.algorithm keys the loop reads (camelCase in YAML); the trainer reads its own (lr, ...)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
     seed: int = 0
     max_length: int = Field(2048, ge=2, description="tokens per packed row; longer examples are cut")
@@ -48,15 +46,6 @@ class Config(BaseModel):
     eval_every: int = Field(50, ge=1)
     eval_max_examples: int = Field(0, ge=0, description="held-out examples evaluated; 0: all")
     export_every: int = Field(0, ge=0, description="HF export every N steps; 0: only at the end")
-
-    @classmethod
-    def from_algorithm(cls, algorithm: dict[str, Any]) -> Config:
-        try:
-            return cls.model_validate(algorithm)
-        except ValidationError as e:
-            error = e.errors()[0]
-            field = ".".join(str(p) for p in error["loc"])
-            raise ValueError(f"spec.algorithm.{field}: got {error['input']!r}; {error['msg']}") from None
 
 
 class SFT:

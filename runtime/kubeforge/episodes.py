@@ -5,6 +5,7 @@ index within its group. It moves forward through
 
     in_flight -> scored -> buffered -> trained
                                     \\-> dropped_stale      (older than maxStaleness allows)
+                                    \\-> filtered           (its group has no signal: dynamic sampling)
     any non-final state -> failed                       (generation or scoring gave up)
 
 and never backwards: a retried generation keeps its episode in flight, it does not open a new
@@ -27,14 +28,15 @@ class State(StrEnum):
     BUFFERED = "buffered"
     TRAINED = "trained"
     DROPPED_STALE = "dropped_stale"
+    FILTERED = "filtered"
     FAILED = "failed"
 
 
-FINAL = frozenset({State.TRAINED, State.DROPPED_STALE, State.FAILED})
+FINAL = frozenset({State.TRAINED, State.DROPPED_STALE, State.FILTERED, State.FAILED})
 _NEXT = {
     State.IN_FLIGHT: {State.SCORED, State.FAILED},
     State.SCORED: {State.BUFFERED, State.FAILED},
-    State.BUFFERED: {State.TRAINED, State.DROPPED_STALE, State.FAILED},
+    State.BUFFERED: {State.TRAINED, State.DROPPED_STALE, State.FILTERED, State.FAILED},
 }
 
 EpisodeId = tuple[int, int]  # (prompt position, sample index)
