@@ -109,7 +109,7 @@ def main() -> None:
         del optimizer
 
     dtype = policy.hf_dtype(config)
-    buffer = torch.empty(256 << 19, dtype=torch.bfloat16, device=device)  # 256 MiB
+    buffer = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)  # 1 GiB: the embedding (0.6 GB) fits
 
     def current_gather() -> None:
         used = 0
