@@ -168,6 +168,13 @@ def test_monitors(tmp_path: Path) -> None:
         only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"],
     )
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in container(objects)["ports"]}
+    # Prometheus must keep the metrics' own job/namespace labels: the dashboards select by them.
+    assert monitor["spec"]["endpoints"][0]["honorLabels"]
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"]
+    jobs = only(render("metrics.jobPodMonitor.enabled=true", home=tmp_path), "PodMonitor")
+    assert jobs["spec"]["selector"]["matchExpressions"] == [{"key": "kubeforge.dev/job", "operator": "Exists"}]
+    endpoint = jobs["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "http" and endpoint["honorLabels"]  # the role pods' port (operator resources.py)
     with pytest.raises(AssertionError, match="needs metrics.service.enabled"):
         render("metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false", home=tmp_path)
 

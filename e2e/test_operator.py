@@ -257,7 +257,7 @@ REFUSED_BY_API_SERVER = [
     ({"steps": "many"}, "spec.steps"),
     ({"steps": 0}, "spec.steps"),
     ({"mode": "eager"}, "spec.mode"),
-    ({"roles": {"generator": {"replicas": 0}}}, "spec.roles.generator.replicas"),
+    ({"roles": {"generator": {"replicas": -1}}}, "spec.roles.generator.replicas"),
     ({"roles": {"trainer": {"cpu": "lots"}}}, "spec.roles.trainer.cpu"),
     ({"roles": {"genrator": {"replicas": 2}}}, "spec.roles.genrator"),
     ({"scheduling": {"gang": "yes"}}, "spec.scheduling.gang"),
