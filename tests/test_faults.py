@@ -88,43 +88,60 @@ def evals(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_the_job_survives_losing_a_generator_a_reward_the_trainer_and_the_controller(tmp_path, tiny_model):
-    steps = 30
+    steps = 40
     job = tiny_job(
         tmp_path, tiny_model, steps=steps, **{"roles.generator.replicas": 2, "checkpoint.interval": 5,
                                                 "failurePolicy.maxRestarts": 6}
     )  # fmt: skip
     run_dir = tmp_path / "run"
+    logs = run_dir / "logs"
     killed: list[str] = []
 
-    def kill_at(step: int, role: str, **env: str) -> None:
-        while trained_steps(run_dir) < step:
-            time.sleep(0.2)
-        time.sleep(1.0)  # into the next step's generation
+    def kill(role: str, **env: str) -> None:
         deadline = time.monotonic() + 120
         while (process := role_process(run_dir, role, **env)) is None:
             assert time.monotonic() < deadline, f"no {role} process to kill"
             time.sleep(0.5)
         os.kill(process.pid, signal.SIGKILL)
-        killed.append(role)
+        killed.append(f"{role}-{env.get('replica', 0)}")
+
+    def wait_until(done: Callable[[], bool]) -> None:
+        while not done():
+            time.sleep(0.2)
+
+    def back_with_weights(log: Path) -> bool:
+        # The second start's part of the log: the replica rejoined and received weights.
+        text = log.read_text() if log.exists() else ""
+        return text.count("starting vLLM") >= 2 and "weights v" in text.rsplit("starting vLLM", 1)[1]
 
     def chaos() -> None:
-        kill_at(3, "generator", replica="1")
-        kill_at(8, "reward")
-        kill_at(13, "trainer", LOCAL_RANK="0")  # a torchrun worker: rank 0 of the trainer group
-        kill_at(21, "controller")
+        wait_until(lambda: trained_steps(run_dir) >= 3)
+        time.sleep(1.0)  # into the next step's generation: generator-1's share goes to generator-0
+        kill("generator", replica="1")
+        time.sleep(2.0)
+        kill("generator", replica="0")  # none left: the controller waits for a replica to come back
+        wait_until(lambda: back_with_weights(logs / "generator-0.log") and back_with_weights(logs / "generator-1.log"))
+        after = trained_steps(run_dir)
+        wait_until(lambda: trained_steps(run_dir) > after)
+        kill("reward")
+        wait_until(lambda: trained_steps(run_dir) > after + 2)
+        kill("trainer", LOCAL_RANK="0")  # a torchrun worker: rank 0 of the trainer group
+        wait_until(lambda: "resuming at step" in (logs / "controller-0.log").read_text())
+        resumed = trained_steps(run_dir)
+        wait_until(lambda: trained_steps(run_dir) > resumed + 2)
+        kill("controller")
 
     result = run_job(job, run_dir, chaos)
     assert result.returncode == 0, result.stdout[-6000:]
-    assert killed == ["generator", "reward", "trainer", "controller"]
+    assert killed == ["generator-1", "generator-0", "reward-0", "trainer-0", "controller-0"]
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["restarts"] == 4, status
-    assert status["restartsByRole"] == {"generator": 1, "reward": 1, "trainer": 1, "controller": 1}
+    assert status["restartsByRole"] == {"generator": 2, "reward": 1, "trainer": 1, "controller": 1}, status
     check_ledger(run_dir, steps, prompts=16, group=8)
 
-    # The restarted generator waited for the trainer's weights before serving anything.
-    generator_log = (run_dir / "logs" / "generator-1.log").read_text()
-    waited = generator_log.index("waiting for its weights before serving")
-    assert "weights v" in generator_log[waited:]
+    # A restarted generator waited for the trainer's current weights before serving anything.
+    for replica in (0, 1):
+        restarted = (logs / f"generator-{replica}.log").read_text().rsplit("starting vLLM", 1)[1]
+        assert "waiting for its weights before serving" in restarted.split("weights v", 1)[0]
     # Learning went on: the held-out reward rose as far as the undisturbed run's test asks.
     found = evals(run_dir)
     before, after = found[0]["eval_correctness"], found[-1]["eval_correctness"]
