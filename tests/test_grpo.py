@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from apps.grpo.main import Config, Rollouts, build_batch
 from apps.grpo.task import CopyTask, Example
@@ -74,6 +75,8 @@ def test_example_job_raises_the_held_out_reward(tmp_path):
     before, after = evals[0]["eval_correctness"], evals[-1]["eval_correctness"]
     print(f"held-out correctness {before:.3f} -> {after:.3f} in {time.monotonic() - started:.0f} s")
     assert after >= before + 0.4, evals
+    warmed_up = evals[1]["eval_correctness"]  # step 0 again, after the supervised warm-up
+    assert after >= warmed_up + 0.2, evals  # and RL itself, not only the warm-up, moved it
     last_step = [r for r in rows if "reward_mean" in r][-1]
     for key in ("generate_seconds", "reward_seconds", "train_seconds", "sync_seconds", "policy_version"):
         assert key in last_step
@@ -103,3 +106,27 @@ def test_warmup_batch_is_the_answer_then_eos_trained_with_the_sft_loss(tmp_path)
 def test_a_bad_algorithm_value_names_the_field():
     with pytest.raises(ValueError, match=r"spec.algorithm.groupSize: got 'many'; Input should be a valid integer"):
         Config.from_algorithm({"groupSize": "many"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_reference_replica_gives_the_kl_penalty_its_logprobs(tmp_path, tiny_model):
+    """GRPO with `roles.reference.enabled`: the app fetches ref_logprobs from the reference replica;
+    the KL to the frozen initial policy starts at 0 and grows as the policy moves."""
+    job = yaml.safe_load((REPO / "apps/grpo/tiny.yaml").read_text())
+    spec = job["spec"]
+    spec.update(steps=6)
+    spec["model"]["path"] = str(tiny_model)
+    spec["roles"]["reference"] = {"enabled": True}
+    spec["algorithm"].update(warmupSteps=0, klCoef=0.05, evalEvery=100)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "kubeforge.cli", "run", str(path), "--run-dir", str(run_dir), "--no-color"],
+        cwd=REPO, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl"] for r in rows if "reward_mean" in r]
+    assert len(kl) == 6 and abs(kl[0]) < 1e-5 and kl[-1] > 1e-4, kl

@@ -37,6 +37,7 @@ from kubeforge.controller import Job
 from kubeforge.controller.generators import GeneratorPool
 from kubeforge.episodes import EpisodeId, Ledger, State
 from kubeforge.evaluation import summarize
+from kubeforge.reference.client import ReferenceClient
 from kubeforge.report import plot_reward_curve
 from kubeforge.rewards import RewardClient
 from kubeforge.trainer.client import TrainerClient
@@ -176,6 +177,10 @@ class GRPO:
     ):
         self.job, self.cfg, self.task = job, cfg, task
         self.policy, self.rewards, self.trainer = policy, rewards, trainer
+        reference = job.spec.roles.reference
+        # Colocated, the trainer computes them itself; otherwise the reference replicas do.
+        wanted = reference.enabled and not reference.colocate
+        self.reference = ReferenceClient(job.urls("reference"), token=job.ctx.token) if wanted else None
         self.max_tokens = cfg.max_new_tokens or task.max_new_tokens
         self.staleness = job.spec.staleness_bound
         self.ledger = Ledger()
@@ -309,9 +314,10 @@ class GRPO:
         trained = {"loss": None, "grad_norm": None, "ratio_mean": None}
         if fresh:
             rollouts = batch.rollouts.select(fresh)
-            trained = await self.trainer.train(
-                build_batch(rollouts, [batch.advantages[i] for i in fresh], self.step + 1)
-            )
+            train_batch = build_batch(rollouts, [batch.advantages[i] for i in fresh], self.step + 1)
+            if self.reference is not None:  # the KL penalty's reference log-probs, from its own replicas
+                train_batch = await self.reference.fill(train_batch)
+            trained = await self.trainer.train(train_batch)
             self.ledger.move([batch.episodes[i] for i in fresh], State.TRAINED)
         t1 = time.perf_counter()
         self.step += 1
@@ -330,6 +336,7 @@ class GRPO:
             "loss": trained["loss"],
             "grad_norm": trained["grad_norm"],
             "ratio_mean": trained["ratio_mean"],
+            **({"kl": trained["kl"]} if "kl" in trained else {}),
             **batch.seconds,
             "train_seconds": t1 - t0,
             "sync_seconds": sync_seconds,
