@@ -2,7 +2,10 @@
 
 Not a benchmark of the runtime (B1 and B6 are): each candidate here is a change proposed for
 kubeforge/trainer/model.py or engine.py, timed beside the code it would replace, on the same
-model and inputs, so that the proposal carries a measured effect.
+model and inputs, so that the proposal carries a measured effect. Items 1 to 3's candidates became the runtime's
+code on 2026-11-27 (docs/benchmarks.md, B1 and B6): since then their rows time the runtime against
+the stand-alone candidate it was built from, and the optimizer row "as the engine builds it" is
+the CPU default (the engine takes fused=True on CUDA).
 
     python3 -m torch.distributed.run --nproc-per-node 1 bench/profile_gaps.py --model qwen3-1.7b
 

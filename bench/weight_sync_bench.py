@@ -2,9 +2,9 @@
 
 Trainer side, exactly what `Trainer.publish_weights` runs: the policy built by
 `kubeforge.trainer.model.build_model` from an HF-style Qwen3 config (FSDP2 over T ranks, fp32
-master weights, random init), `iter_hf_weights` (each parameter's FSDP `full_tensor()` gather,
-HF name, cast to the checkpoint dtype), `hf_weight_names`, and `WeightSender.send` (bucket plan,
-the receivers' ready handshake, packing into the preallocated bucket, broadcast). Trainer ranks
+master weights, random init), `iter_hf_weights` (FSDP2 `unshard()` of one block at a time, in
+bf16, HF names), `hf_weight_names`, and `WeightSender.send` (bucket plan, the receivers' ready
+handshake, packing into two preallocated buckets in turn, each broadcast while the next is packed). Trainer ranks
 other than 0 run the same gathers, as the engine's other ranks do. The only part left out is
 HTTP: the bench has no generator URLs, so `send` posts nothing and the receivers start on their
 own (the handshake through the store still runs).
@@ -210,7 +210,9 @@ class PhaseClock:
         self.outside += time.perf_counter() - self.mark
         del self.group.broadcast  # back to the class's method
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> None:
+        # Synchronous even when asked for async_op (the sender then has no work to wait on): the
+        # point of this round is to separate what the real rounds overlap.
         _sync(self.group.device)
         self.outside += time.perf_counter() - self.mark
         SyncGroup.broadcast(self.group, self.flag, src)
@@ -321,7 +323,7 @@ class Bench:
         if role == "idle" or (role == "trainer" and self.rank != 0):
             if role == "trainer":  # the engine's other ranks: the same gathers (checksum, every round), nothing sent
                 for _ in range(1 + len(buckets) * rounds):
-                    self._gather(trainer_model)
+                    self._checksum(trainer_model)
             self.sends += len(buckets) * rounds
             return
         world = 1 + receivers
@@ -330,7 +332,7 @@ class Bench:
             group = self.sender.join(group_name, world)
             model, adapter, dtype = trainer_model
             params = [[w["name"], w["dtype"], w["shape"]] for w in policy.hf_weight_names(model, adapter, dtype)]
-            checksum = sum(float(t.double().sum()) for _, t in self._gather(trainer_model))
+            checksum = self._checksum(trainer_model)
             # What the runtime's /weights/update body carries, and a reference the receivers check against.
             group.store.set(f"bench/{group_name}/params", json.dumps([params, checksum]))
         else:
@@ -417,14 +419,9 @@ class Bench:
         else:
             group.close()
 
-    def _gather(self, trainer_model: tuple) -> list[tuple[str, torch.Tensor]] | None:
-        """Every full parameter, as publish gathers them (collective over the trainer ranks); kept on rank 0 only."""
-        weights = policy.iter_hf_weights(*trainer_model)
-        if self.rank == 0:
-            return list(weights)
-        for _ in weights:
-            pass
-        return None
+    def _checksum(self, trainer_model: tuple) -> float:
+        """The sum of every full parameter, gathered as publish gathers them (collective over the trainer ranks)."""
+        return sum(float(t.double().sum()) for _, t in policy.iter_hf_weights(*trainer_model))
 
     def _collect(self, group: SyncGroup, tag: str, values: list[float]) -> list[list[float]]:
         """Every group rank's `values` (rank order) on the sender; others get only their own."""

@@ -119,7 +119,8 @@ def test_the_sharded_policy_loads_and_yields_the_hf_weights(tiny, one_rank_group
 
     hf_state = load_file(tiny / "model.safetensors")
     names = policy.hf_weight_names(model, adapter, torch.float32)
-    weights = list(policy.iter_hf_weights(model, adapter, torch.float32))
+    # Copies: a yielded tensor may be FSDP's unsharded storage, freed when the iterator moves on.
+    weights = [(name, t.clone()) for name, t in policy.iter_hf_weights(model, adapter, torch.float32)]
     assert [w["name"] for w in names] == [name for name, _ in weights]
     assert sorted(name for name, _ in weights) == sorted(hf_state)
     for (name, tensor), spec in zip(weights, names, strict=True):
@@ -139,3 +140,15 @@ def test_the_sharded_policy_loads_and_yields_the_hf_weights(tiny, one_rank_group
         hot = policy.token_logprobs(model, x, temperature=0.5)
         expected_hot = (hf(x).logits[:, :-1] / 0.5).log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(hot[:, 1:], expected_hot, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_a_policy_trained_in_bf16_publishes_its_fp32_masters_in_fp32(tiny, one_rank_group):
+    """FSDP gathers in its compute dtype (bf16): an fp32 publish must still carry the masters' values, not bf16's."""
+    args = policy.model_args_from_hf(policy.read_hf_config(tiny))
+    adapter = Qwen3StateDictAdapter(args, None)
+    model = policy.build_model(args, one_rank_group, torch.device("cpu"), torch.bfloat16)
+    policy.load_hf_weights(model, adapter, tiny)
+    hf_state = load_file(tiny / "model.safetensors")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, tensor in policy.iter_hf_weights(model, adapter, dtype):
+            assert tensor.dtype == dtype and torch.equal(tensor, hf_state[name].to(dtype)), name

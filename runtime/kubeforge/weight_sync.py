@@ -195,11 +195,16 @@ class SyncGroup:
     backend: str
     device: torch.device
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> dist.Work | None:
+        """Broadcast `tensor` from `src`; with `async_op`, return the work to wait on before touching it again."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -374,7 +379,7 @@ class WeightSender:
         self._store: dist.TCPStore | None = None
         self._formation = 0
         self._updates = 0
-        self._buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device)] * 2  # see broadcast
 
     # -- group membership -------------------------------------------------------------------
 
@@ -503,13 +508,24 @@ class WeightSender:
             raise RuntimeError(f"receivers cut a different bucket plan: {sorted(digests)} vs {digest}")
 
     def broadcast(self, named_tensors: Iterable[tuple[str, torch.Tensor]], plan: Sequence[Bucket]) -> int:
-        """Pack and broadcast every bucket of `plan`; return the bytes sent."""
+        """Pack and broadcast every bucket of `plan`; return the bytes sent.
+
+        Two buffers take turns, so that packing bucket k+1 (the trainer's gather and the copies
+        in) overlaps bucket k on the wire: each broadcast is started asynchronously (NCCL runs it
+        on its own stream once the packing queued before it is done; gloo in its own thread), and
+        a buffer is waited on only when its turn to be packed comes again, two buckets later.
+        The receivers see the same buckets in the same order: their plan does not change.
+        """
         assert self.group is not None
         self._reserve(max_bucket_bytes(plan))
         tensors = iter(named_tensors)
+        in_flight: list[dist.Work | None] = [None] * len(self._buffers)
         sent = 0
-        for bucket in plan:
-            buffer = self._buffer[: bucket.nbytes]
+        for k, bucket in enumerate(plan):
+            turn = k % len(self._buffers)
+            if in_flight[turn] is not None:
+                in_flight[turn].wait()  # this buffer's previous bucket has left: it may be overwritten
+            buffer = self._buffers[turn][: bucket.nbytes]
             for spec, view in views(buffer, bucket):
                 name, tensor = next(tensors, (None, None))
                 if name != spec.name:
@@ -518,8 +534,11 @@ class WeightSender:
                 if tuple(tensor.shape) != spec.shape:
                     raise ValueError(f"{name}: shape {tuple(tensor.shape)} but {spec.shape} was announced")
                 view.copy_(tensor.detach())  # casts to the wire dtype and moves to the group's device
-            self.group.broadcast(buffer, src=0)
+            in_flight[turn] = self.group.broadcast(buffer, src=0, async_op=True)
             sent += bucket.nbytes
+        for work in in_flight:
+            if work is not None:
+                work.wait()
         extra = next(tensors, None)
         if extra is not None:
             raise ValueError(f"more tensors than announced parameters, starting with {extra[0]!r}")
@@ -528,9 +547,9 @@ class WeightSender:
     # -- helpers ------------------------------------------------------------------------------
 
     def _reserve(self, nbytes: int) -> None:
-        # One buffer for every bucket and every update: no allocation on the hot path.
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # Two buffers for every bucket and every update: no allocation on the hot path.
+        if self._buffers[0].numel() < nbytes:
+            self._buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
     def _next_group_name(self) -> str:
         self._formation += 1
