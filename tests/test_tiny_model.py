@@ -92,8 +92,8 @@ def test_the_adapter_round_trip_is_exact_and_the_logits_agree(tiny):
 
 def test_unsupported_configs_are_refused_by_name(tiny):
     config = policy.read_hf_config(tiny)
-    with pytest.raises(policy.UnsupportedModel, match="model_type: got 'llama'"):
-        policy.model_args_from_hf({**config, "model_type": "llama"})
+    with pytest.raises(policy.UnsupportedModel, match="model_type: got 'mistral'"):
+        policy.model_args_from_hf({**config, "model_type": "mistral"})
     with pytest.raises(policy.UnsupportedModel, match="attention_bias"):
         policy.model_args_from_hf({**config, "attention_bias": True})
 
