@@ -20,7 +20,6 @@ from there (and the generators get the trainer's restored weights before generat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -33,6 +32,7 @@ from typing import Any
 from kubeforge.advantages import group_advantages, informative_groups
 from kubeforge.algorithm import AlgorithmSettings
 from kubeforge.batch import TrainBatch
+from kubeforge.cli import run_app
 from kubeforge.controller import Job
 from kubeforge.controller.generators import GeneratorPool
 from kubeforge.episodes import EpisodeId, Ledger, State
@@ -477,14 +477,7 @@ def print_summary(columns: dict[str, dict[str, float]], seconds: float) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python -m apps.grpo.main --config FILE [kubeforge run options]`: `kubeforge run FILE` (validation,
-    then the local launcher); this module's `main(job)` then runs inside the controller role."""
-    from kubeforge.cli import main as kubeforge_main
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the RLJob YAML, e.g. apps/grpo/tiny.yaml")
-    args, rest = parser.parse_known_args(argv)
-    return kubeforge_main(["run", args.config, *rest])
+    return run_app(argv, description=__doc__.splitlines()[0], example="apps/grpo/tiny.yaml")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ spec.roles.reward.replicas are 0.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -26,6 +25,7 @@ import time
 from typing import Any
 
 from kubeforge.algorithm import AlgorithmSettings
+from kubeforge.cli import run_app
 from kubeforge.controller import Job
 from kubeforge.trainer.client import TrainerClient
 from pydantic import Field
@@ -139,14 +139,7 @@ async def main(job: Job) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python -m apps.sft.main --config FILE [kubeforge run options]`: `kubeforge run FILE` (validation,
-    then the local launcher); this module's `main(job)` then runs inside the controller role."""
-    from kubeforge.cli import main as kubeforge_main
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the RLJob YAML, e.g. apps/sft/tiny.yaml")
-    args, rest = parser.parse_known_args(argv)
-    return kubeforge_main(["run", args.config, *rest])
+    return run_app(argv, description=__doc__.splitlines()[0], example="apps/sft/tiny.yaml")
 
 
 if __name__ == "__main__":

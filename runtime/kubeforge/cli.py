@@ -150,5 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args)
 
 
+def run_app(argv: list[str] | None, *, description: str, example: str) -> int:
+    """An app's torchforge-style command, `python -m apps.X.main --config FILE [kubeforge run options]`:
+    `kubeforge run FILE` (validation, then the local launcher); the app's `main(job)` then runs
+    inside the controller role."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=f"the RLJob YAML, e.g. {example}")
+    args, rest = parser.parse_known_args(argv)
+    return main(["run", args.config, *rest])
+
+
 if __name__ == "__main__":
     sys.exit(main())
