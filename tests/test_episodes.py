@@ -74,4 +74,19 @@ def test_the_ledger_survives_a_json_round_trip():
     assert restored.counts() == ledger.counts() and restored.version((3, 1)) == 10
     assert restored.positions() == {3: 2}
     with pytest.raises(LedgerError, match="twice"):
-        Ledger.from_json({"episodes": [[0, 0, "trained", 1], [0, 0, "trained", 1]]})
+        Ledger.from_json({"runs": [[0, 1, 2, "trained", 1], [1, 1, -1, "trained", 1]]})
+
+
+def test_the_saved_form_grows_with_batches_not_with_episodes():
+    ledger = Ledger()
+    for step in range(100):  # 100 steps of 16 prompts x 8 samples, each step one policy version
+        ids = [e for p in range(16 * step, 16 * step + 16) for e in ledger.open(p, 8)]
+        ledger.move(ids, State.SCORED, versions=[step] * len(ids))
+        ledger.move(ids, State.BUFFERED)
+        ledger.move(ids, State.TRAINED)
+    odd = ledger.open(1600, 3)  # a batch still in flight, one sample already scored
+    ledger.move(odd[:1], State.SCORED, versions=[100])
+    saved = ledger.to_json()
+    assert len(saved["runs"]) == 100 + 3
+    restored = Ledger.from_json(saved)
+    assert restored.episodes() == ledger.episodes() and len(restored) == 12_803

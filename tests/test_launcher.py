@@ -124,7 +124,8 @@ def test_an_app_that_raises_fails_the_job_with_its_last_lines(tmp_path, minimal_
     assert role_processes(run_dir) == {}
 
 
-def test_a_killed_role_fails_the_job_fast_and_nothing_is_left(tmp_path, minimal_job):
+def test_a_killed_role_fails_the_job_fast_once_the_restart_budget_is_spent(tmp_path, minimal_job):
+    minimal_job["spec"]["failurePolicy"] = {"maxRestarts": 0}  # tests/test_faults.py: restarts within budget
     job = write_job(tmp_path, minimal_job, app="tests.apps.slow", steps=1000)
     run_dir = tmp_path / "run"
     launcher = start_kubeforge("run", job, "--run-dir", run_dir)
@@ -140,6 +141,7 @@ def test_a_killed_role_fails_the_job_fast_and_nothing_is_left(tmp_path, minimal_
     finally:
         launcher.kill()
     assert launcher.returncode == 1
+    assert "restart budget spent (0, failurePolicy.maxRestarts)" in out
     assert "job demo failed: generator-0 was killed by signal SIGKILL" in out
     assert role_processes(run_dir) == {}
 

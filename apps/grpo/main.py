@@ -187,7 +187,8 @@ class GRPO:
         self.step = 0  # RL steps trained
         self.position = 0  # the next prompt position of the data stream to generate
         self.trained_position = 0  # the stream position every trained batch lies below
-        self.warmed_up = False
+        self.warmup_done = 0  # supervised warm-up steps trained
+        self.trainer_version = 0  # the trainer's policy version, after its last train step
         self.policy_version = 0  # the trainer's, after the last publish
         self.published_step = 0  # the RL step whose weights the generators hold
         self.history: list[dict[str, Any]] = []
@@ -199,13 +200,17 @@ class GRPO:
 
     def app_state(self) -> dict[str, Any]:
         """The loop's state as of the last trained batch; episodes not yet trained are left out and
-        generated again on resume (the buffer's rule: regenerate, never restore half-done work)."""
+        generated again on resume (the buffer's rule: regenerate, never restore half-done work).
+
+        Every train batch carries it (info["app_state"], state as if that batch is trained): the
+        trainer saves it with whatever checkpoint that step writes, so a checkpoint and the
+        controller's state always match."""
         saved = Ledger.from_json(self.ledger.to_json())
         saved.rewind()
         return {
             "step": self.step,
             "position": self.trained_position,
-            "warmed_up": self.warmed_up,
+            "warmup_done": self.warmup_done,
             "ledger": saved.to_json(),
             "seed": self.cfg.seed,
         }
@@ -213,7 +218,7 @@ class GRPO:
     def restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.position = self.trained_position = int(state["position"])
-        self.warmed_up = bool(state["warmed_up"])
+        self.warmup_done = int(state["warmup_done"])
         self.ledger = Ledger.from_json(state["ledger"])
 
     async def checkpoint(self) -> None:
@@ -242,13 +247,17 @@ class GRPO:
         }
 
     async def warmup(self) -> dict[str, Any]:
-        """Supervised warm-up so that RL starts from a policy with some reward; logged as step 0."""
+        """Supervised warm-up (the steps not done yet) so that RL starts from a policy with some
+        reward; logged as step 0."""
         size = self.cfg.prompts_per_step * self.cfg.group_size
-        for i in range(self.cfg.warmup_steps):
+        for i in range(self.warmup_done, self.cfg.warmup_steps):
             examples = [self.task.at(i * size + k, stream="warmup") for k in range(size)]
-            trained = await self.trainer.train(warmup_batch(self.policy, examples, version=i))
+            self.warmup_done = i + 1
+            batch = warmup_batch(self.policy, examples, version=self.trainer_version)
+            batch.info["app_state"] = self.app_state()
+            trained = await self.trainer.train(batch)
+            self.trainer_version = trained["policy_version"]
         await self.publish()
-        self.warmed_up = True
         row = {"step": 0, "warmup_steps": self.cfg.warmup_steps, "warmup_loss": trained["loss"],
                "policy_version": self.policy_version, **await self.evaluate()}  # fmt: skip
         log.info("after %d warm-up steps: held-out reward %.3f", self.cfg.warmup_steps, row["eval_reward"])
@@ -310,20 +319,21 @@ class GRPO:
             filtered = [batch.episodes[i] for i in fresh if not informative[i // self.cfg.group_size]]
             fresh = [i for i in fresh if informative[i // self.cfg.group_size]]
             self.ledger.move(filtered, State.FILTERED)
+        # The state as if this step is done: what the step's checkpoint saves (see app_state).
+        self.ledger.move([batch.episodes[i] for i in fresh], State.TRAINED)
+        self.step += 1
+        self.trained_position = batch.end_position
         t0 = time.perf_counter()
         trained = {"loss": None, "grad_norm": None, "ratio_mean": None}
         if fresh:
             rollouts = batch.rollouts.select(fresh)
-            train_batch = build_batch(rollouts, [batch.advantages[i] for i in fresh], self.step + 1)
+            train_batch = build_batch(rollouts, [batch.advantages[i] for i in fresh], self.step)
             if self.reference is not None:  # the KL penalty's reference log-probs, from its own replicas
                 train_batch = await self.reference.fill(train_batch)
+            train_batch.info["app_state"] = self.app_state()
             trained = await self.trainer.train(train_batch)
-            self.ledger.move([batch.episodes[i] for i in fresh], State.TRAINED)
+            self.trainer_version = trained["policy_version"]
         t1 = time.perf_counter()
-        self.step += 1
-        self.trained_position = batch.end_position
-        if self.job.spec.checkpoint.interval and self.step % self.job.spec.checkpoint.interval == 0:
-            await self.checkpoint()
         sync_seconds = await self.publish()
         now = time.perf_counter()
         step_seconds, self._last_step_end = now - self._last_step_end, now
@@ -410,23 +420,25 @@ async def main(job: Job) -> None:
     metrics_path = job.run_dir / "metrics.jsonl"
     started = time.monotonic()
 
-    saved = (await trainer.status()).get("app_state")
+    status = await trainer.status()
+    loop.trainer_version = status["policy_version"]
+    saved = status.get("app_state")
     if saved:
         loop.restore(saved)
-        log.info("resuming at step %d (stream position %d, episodes %s)", loop.step, loop.position,
-                 loop.ledger.counts())  # fmt: skip
+        log.info("resuming at step %d (warm-up steps done %d, stream position %d, episodes %s)", loop.step,
+                 loop.warmup_done, loop.position, loop.ledger.counts())  # fmt: skip
         # Rows after the checkpoint are done again: keep the file to the checkpoint's steps.
         kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= loop.step]
         metrics_path.write_text("".join(kept))
         loop.history = [json.loads(line) for line in kept]
-        await loop.publish()  # the generators may hold newer weights than the restored ones
+    await loop.publish()  # a restarted trainer's weights may be older than the generators' own
     with metrics_path.open("a") as metrics:
         if not saved:
-            await loop.publish()
             loop.record(metrics, {"step": 0, **await loop.evaluate()})
-            if cfg.warmup_steps:
-                loop.record(metrics, await loop.warmup())
-            await loop.checkpoint()
+        if loop.warmup_done < cfg.warmup_steps:
+            loop.record(metrics, await loop.warmup())
+        if not saved:
+            await loop.checkpoint()  # a first checkpoint that holds the loop's state
         await loop.run(metrics)
     await loop.checkpoint()
     write_summary(job, cfg, loop.history, time.monotonic() - started)

@@ -107,18 +107,38 @@ class Ledger:
     # -- persistence --------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        """Compact JSON: one row per episode, [position, sample, state, version or -1]."""
-        rows = [[p, s, state.value, self._version.get((p, s), -1)] for (p, s), state in sorted(self._state.items())]
-        return {"episodes": rows, "counts": self.counts()}
+        """Compact JSON: runs of consecutive prompt positions whose samples 0..n-1 all share a state
+        and a policy version, as [first position, last position, n, state, version or -1]. A run is
+        typically one step's batch, so the size grows with steps, not with episodes."""
+        by_position: dict[int, list[tuple[int, State, int]]] = {}
+        for (p, s), state in sorted(self._state.items()):
+            by_position.setdefault(p, []).append((s, state, self._version.get((p, s), -1)))
+        runs: list[list[Any]] = []
+        for p, samples in by_position.items():
+            if [s for s, _, _ in samples] == list(range(len(samples))) and len({x[1:] for x in samples}) == 1:
+                n, (_, state, version) = len(samples), samples[0]
+                last = runs[-1] if runs else None
+                if last and last[1] == p - 1 and last[2:] == [n, state.value, version]:
+                    last[1] = p
+                    continue
+                runs.append([p, p, n, state.value, version])
+            else:  # a position whose samples differ: one run per sample, as [p, p, -s - 1, ...]
+                runs += [[p, p, -s - 1, state.value, version] for s, state, version in samples]
+        return {"runs": runs, "counts": self.counts()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Ledger:
         ledger = cls()
-        for position, sample, state, version in data.get("episodes", []):
-            episode = (int(position), int(sample))
-            if episode in ledger._state:
-                raise LedgerError(f"saved ledger lists episode {episode} twice")
-            ledger._state[episode] = State(state)
-            if version >= 0:
-                ledger._version[episode] = int(version)
+        for first, last, n, state, version in data.get("runs", []):
+            samples = range(n) if n > 0 else [-n - 1]
+            for episode in ((p, s) for p in range(int(first), int(last) + 1) for s in samples):
+                if episode in ledger._state:
+                    raise LedgerError(f"saved ledger lists episode {episode} twice")
+                ledger._state[episode] = State(state)
+                if version >= 0:
+                    ledger._version[episode] = int(version)
         return ledger
+
+    def episodes(self) -> list[tuple[int, int, State, int | None]]:
+        """Every episode as (position, sample, state, policy version), in order."""
+        return [(p, s, state, self._version.get((p, s))) for (p, s), state in sorted(self._state.items())]

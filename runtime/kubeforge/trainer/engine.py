@@ -255,7 +255,8 @@ class Trainer:
         reduced = torch.stack([totals[name] for name in names])
         dist.all_reduce(reduced)
         values = dict(zip(names, reduced.tolist(), strict=True))
-        checkpoint = self.save_checkpoint() if self._checkpoint_due() else None
+        # The controller's state as of this step travels in the batch: a checkpoint and it always match.
+        checkpoint = self.save_checkpoint(batch.info.get("app_state")) if self._checkpoint_due() else None
         seconds = time.perf_counter() - started
         return {
             "step": self.step,
