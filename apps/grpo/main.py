@@ -374,11 +374,11 @@ class GRPO:
         try:
             while self.step < steps:
                 getting = asyncio.create_task(queue.get())
-                await asyncio.wait({getting, producing}, return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():  # the producer failed: its error is the job's
+                done, _ = await asyncio.wait({getting, producing}, return_when=asyncio.FIRST_COMPLETED)
+                if producing in done and producing.exception() is not None:  # its error is the job's
                     getting.cancel()
-                    producing.result()
-                batch = getting.result()
+                    raise producing.exception()
+                batch = await getting  # (a producer done with every batch has put this one already)
                 row = await self.train(batch)
                 row["buffer_depth"] = queue.qsize()
                 self.record(metrics, row)
