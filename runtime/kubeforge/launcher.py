@@ -529,8 +529,11 @@ def run(job: RLJob, options: Options) -> int:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too: a launcher started in the background by a shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return Launcher(job, options).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
