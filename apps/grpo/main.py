@@ -205,13 +205,11 @@ class GRPO:
         Every train batch carries it (info["app_state"], state as if that batch is trained): the
         trainer saves it with whatever checkpoint that step writes, so a checkpoint and the
         controller's state always match."""
-        saved = Ledger.from_json(self.ledger.to_json())
-        saved.rewind()
         return {
             "step": self.step,
             "position": self.trained_position,
             "warmup_done": self.warmup_done,
-            "ledger": saved.to_json(),
+            "ledger": self.ledger.to_json(final_only=True),
             "seed": self.cfg.seed,
         }
 

@@ -106,12 +106,15 @@ class Ledger:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, final_only: bool = False) -> dict[str, Any]:
         """Compact JSON: runs of consecutive prompt positions whose samples 0..n-1 all share a state
         and a policy version, as [first position, last position, n, state, version or -1]. A run is
-        typically one step's batch, so the size grows with steps, not with episodes."""
+        typically one step's batch, so the size grows with steps, not with episodes.
+
+        `final_only` leaves out what `rewind` would forget: the form a checkpoint saves."""
+        kept = sorted((e, state) for e, state in self._state.items() if not final_only or state in FINAL)
         by_position: dict[int, list[tuple[int, State, int]]] = {}
-        for (p, s), state in sorted(self._state.items()):
+        for (p, s), state in kept:
             by_position.setdefault(p, []).append((s, state, self._version.get((p, s), -1)))
         runs: list[list[Any]] = []
         for p, samples in by_position.items():
@@ -124,7 +127,8 @@ class Ledger:
                 runs.append([p, p, n, state.value, version])
             else:  # a position whose samples differ: one run per sample, as [p, p, -s - 1, ...]
                 runs += [[p, p, -s - 1, state.value, version] for s, state, version in samples]
-        return {"runs": runs, "counts": self.counts()}
+        found = Counter(state for _, state in kept)
+        return {"runs": runs, "counts": {state.value: found.get(state, 0) for state in State}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Ledger:
