@@ -1,7 +1,10 @@
 """What the operator would create for a job, computed without a cluster."""
 
+import json
+
 from kubeforge.validation import parse_job
 from kubeforge_operator import resources as r
+from kubeforge_operator.reconcile import PodView
 
 
 def _job(minimal_job, **spec):
@@ -110,3 +113,36 @@ def test_gang_mechanisms_mark_pods_and_make_pod_groups(minimal_job):
     ref, spec = _job(minimal_job, scheduling={"gang": "capacity"})
     assert r.pod_group(ref, spec) is None
     assert "annotations" not in r.pod(ref, spec, r.Instance("reward", 0))["metadata"]
+
+
+def test_pod_views_read_the_api_servers_json(minimal_job):
+    """The reconciler reads listed pods as JSON (camelCase), not as client models."""
+    ref, spec = _job(minimal_job)
+    pod = r.pod(ref, spec, r.Instance("trainer", 1))
+    assert PodView.of(pod) == PodView(pod["metadata"]["name"], r.Instance("trainer", 1), "Pending", False, False)
+
+    pod["metadata"]["deletionTimestamp"] = "2026-11-27T00:00:00Z"
+    last_words = json.dumps({"error": "CUDA out of memory"})
+    pod["status"] = {
+        "phase": "Failed",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+        "containerStatuses": [
+            {"name": "role", "state": {"terminated": {"exitCode": 3, "reason": "Error", "message": last_words}}}
+        ],
+    }
+    view = PodView.of(pod)
+    assert (view.phase, view.ready, view.terminating) == ("Failed", True, True)
+    assert (view.exit_code, view.reason, view.message) == (3, "Error", last_words)
+    assert view.failed and view.reported_error
+    assert view.describe_failure().endswith("failed (exit code 3, Error): CUDA out of memory")
+
+    running = {"phase": "Running", "containerStatuses": [{"name": "role", "state": {"running": {}}}]}
+    view = PodView.of({"metadata": pod["metadata"] | {"deletionTimestamp": None}, "status": running})
+    assert (view.phase, view.ready, view.terminating, view.exit_code, view.message) == (
+        "Running",
+        False,
+        False,
+        None,
+        "",
+    )
+    assert PodView.of({"metadata": {"name": "stranger", "labels": {r.LABEL_JOB: "j"}}}) is None

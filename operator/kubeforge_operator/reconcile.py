@@ -55,26 +55,28 @@ class PodView:
     message: str = ""
 
     @classmethod
-    def of(cls, pod: Any) -> PodView | None:
-        labels = pod.metadata.labels or {}
+    def of(cls, pod: dict[str, Any]) -> PodView | None:
+        """From a pod as the API server sends it (camelCase JSON, not a client model)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
         if r.LABEL_ROLE not in labels or r.LABEL_REPLICA not in labels:
             return None
-        status = pod.status
-        conditions = {c.type: c.status for c in (status.conditions or [])} if status else {}
+        status = pod.get("status") or {}
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         view = cls(
-            name=pod.metadata.name,
+            name=meta["name"],
             instance=Instance(labels[r.LABEL_ROLE], int(labels[r.LABEL_REPLICA])),
-            phase=(status.phase if status else None) or "Pending",
+            phase=status.get("phase") or "Pending",
             ready=conditions.get("Ready") == "True",
-            terminating=pod.metadata.deletion_timestamp is not None,
+            terminating=meta.get("deletionTimestamp") is not None,
         )
-        for cs in (status.container_statuses or []) if status else []:
-            terminated = cs.state.terminated if cs.state else None
+        for cs in status.get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated")
             if terminated is not None:
                 view.exit_code, view.reason, view.message = (
-                    terminated.exit_code,
-                    terminated.reason,
-                    terminated.message or "",
+                    terminated.get("exitCode"),
+                    terminated.get("reason"),
+                    terminated.get("message") or "",
                 )
         return view
 
@@ -159,7 +161,8 @@ class Reconciler:
 
     # -- entry ---------------------------------------------------------------------------------
 
-    def reconcile(self, body: dict[str, Any], event: EventSink) -> None:
+    def reconcile(self, body: dict[str, Any], event: EventSink) -> str | None:
+        """One pass; the resourceVersion of the RLJob after its status patch, None if nothing was patched."""
         meta = body["metadata"]
         job = r.JobRef(meta["name"], meta["namespace"], meta["uid"])
         status = Status(dict(body.get("status") or {}))
@@ -171,10 +174,12 @@ class Reconciler:
                 errors.inc()
                 raise
             finally:
+                written = None
                 if status.patch:
-                    self._patch_status(job, status.patch)
+                    written = self._patch_status(job, status.patch)
                     if "phase" in status.patch:
                         metrics.observe_phase(job.namespace, job.name, status.patch["phase"])
+        return written
 
     def _reconcile(self, job: r.JobRef, body: dict[str, Any], status: Status, event: EventSink) -> None:
         phase = status.get("phase")
@@ -360,34 +365,42 @@ class Reconciler:
             self._ignore(
                 404,
                 lambda: self.custom.delete_namespaced_custom_object(
-                    API_GROUP, API_VERSION, job.namespace, PLURAL, job.name
+                    API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, _preload_content=False
                 ),
             )
 
     # -- API -----------------------------------------------------------------------------------
 
     def _pods(self, job: r.JobRef) -> list[PodView]:
-        listed = self.core.list_namespaced_pod(job.namespace, label_selector=f"{r.LABEL_JOB}={job.name}")
-        views = [PodView.of(p) for p in listed.items]
+        # The raw JSON: building client models for every pod of every pass costs more than the rest of it.
+        listed = _json(
+            self.core.list_namespaced_pod(
+                job.namespace, label_selector=f"{r.LABEL_JOB}={job.name}", _preload_content=False
+            )
+        )
+        views = [PodView.of(p) for p in listed.get("items") or []]
         return [v for v in views if v is not None]
 
     def _delete_pods(self, job: r.JobRef, pods: list[PodView]) -> None:
         for p in pods:
             self._ignore(
-                404, lambda p=p: self.core.delete_namespaced_pod(p.name, job.namespace, grace_period_seconds=30)
+                404,
+                lambda p=p: self.core.delete_namespaced_pod(
+                    p.name, job.namespace, grace_period_seconds=30, _preload_content=False
+                ),
             )
 
     def _create(self, obj: dict[str, Any]) -> None:
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         create = {
-            "Pod": lambda: self.core.create_namespaced_pod(ns, obj),
-            "Service": lambda: self.core.create_namespaced_service(ns, obj),
-            "ConfigMap": lambda: self.core.create_namespaced_config_map(ns, obj),
-            "Secret": lambda: self.core.create_namespaced_secret(ns, obj),
-            "NetworkPolicy": lambda: self.net.create_namespaced_network_policy(ns, obj),
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Secret": self.core.create_namespaced_secret,
+            "NetworkPolicy": self.net.create_namespaced_network_policy,
         }[kind]
         # 409: it exists already (an earlier pass, or an operator that died mid-reconcile).
-        self._ignore(409, create)
+        self._ignore(409, lambda: create(ns, obj, _preload_content=False))
 
     def _ensure_pod_group(self, job: r.JobRef, spec: RLJobSpec) -> str:
         """Create the gang scheduler's PodGroup; an explanation if its CRD is missing, else ''."""
@@ -396,7 +409,10 @@ class Reconciler:
             return ""
         api_group, version, plural = r.POD_GROUP_API[spec.scheduling.gang]
         try:
-            self.custom.create_namespaced_custom_object(api_group, version, job.namespace, plural, group)
+            response = self.custom.create_namespaced_custom_object(
+                api_group, version, job.namespace, plural, group, _preload_content=False
+            )
+            _release(response)
         except ApiException as e:
             if e.status == 404:
                 return (
@@ -413,18 +429,39 @@ class Reconciler:
         self._create(r.service(job))
         self._create(r.network_policy(job))
 
-    def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> None:
-        self._ignore(
-            404,
-            lambda: self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, {"status": patch}
-            ),
-        )
+    def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> str | None:
+        """Patch the status; the RLJob's new resourceVersion, None if it is gone."""
+        try:
+            response = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, {"status": patch}, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            return None
+        return _json(response)["metadata"]["resourceVersion"]
 
     @staticmethod
     def _ignore(code: int, call: Callable[[], Any]) -> None:
+        """Make a call whose answer is not needed (`_preload_content=False`: no model is built)."""
         try:
-            call()
+            response = call()
         except ApiException as e:
             if e.status != code:
                 raise
+        else:
+            _release(response)
+
+
+def _release(response: Any) -> None:
+    """Read the rest of a `_preload_content=False` response, so that its connection can be reused."""
+    response.drain_conn()
+    response.release_conn()
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The body of a `_preload_content=False` response, its connection back in the pool."""
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
