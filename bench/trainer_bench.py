@@ -86,7 +86,10 @@ def grpo_batch(rows: int, seq: int, vocab: int, seed: int) -> TrainBatch:
     )
 
 
-def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+def timed(
+    step: Callable[[], None], device: torch.device, warmup: int, steps: int, trace: Path | None = None
+) -> list[float]:
+    """Seconds of each step after the warm-up; with `trace`, one more step profiled there (not timed)."""
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -95,7 +98,30 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: in
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    if trace is not None:
+        profile_step(step, device, trace)
     return times
+
+
+def profile_step(step: Callable[[], None], device: torch.device, out: Path) -> None:
+    """One step under torch.profiler: where its host and its device time go, as two tables in `out`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"profiled step: {wall * 1e3:.1f} ms wall\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        + "\n"
+        + averages.table(sort_by="self_device_time_total", row_limit=30)
+    )
 
 
 def kubeforge_side(ctx: RoleContext, batch: TrainBatch, args: argparse.Namespace) -> tuple[list[float], Any]:
@@ -105,7 +131,7 @@ def kubeforge_side(ctx: RoleContext, batch: TrainBatch, args: argparse.Namespace
         batch.policy_versions.fill_(trainer.policy_version)  # sync mode: every row from the current policy
         trainer.train(batch)
 
-    times = timed(step, trainer.device, args.warmup, args.steps)
+    times = timed(step, trainer.device, args.warmup, args.steps, trace_path(args, "kubeforge"))
     return times, trainer.model.model_args.get_nparams_and_flops(trainer.model, args.seq)[1]
 
 
@@ -156,7 +182,15 @@ def torchtitan_side(config: dict[str, Any], batch: TrainBatch, device: torch.dev
             rows = mine[start : start + args.micro]
             yield {"input": rows}, torch.roll(rows, -1, dims=1)  # next-token labels, as a text data set gives
 
-    return timed(lambda: TitanTrainer.train_step(titan, micro_batches()), device, args.warmup, args.steps)
+    step = partial(TitanTrainer.train_step, titan)
+    return timed(lambda: step(micro_batches()), device, args.warmup, args.steps, trace_path(args, "torchtitan"))
+
+
+def trace_path(args: argparse.Namespace, side: str) -> Path | None:
+    """Where this rank writes its profile of one more `side` step (every rank runs it), if --trace asked."""
+    if not args.trace:
+        return None
+    return Path(args.trace) / f"{side}-{dist.get_world_size()}gpu-rank{dist.get_rank()}.txt"
 
 
 def ctx_device() -> str:
@@ -195,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--order", choices=["kubeforge-first", "torchtitan-first"], default="kubeforge-first")
     parser.add_argument("--workdir", default="runs/bench/trainer")
     parser.add_argument("--out", default="runs/bench/trainer.json")
+    parser.add_argument("--trace", default="", help="directory: profile one more step of each side there")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()

@@ -358,9 +358,11 @@ class Bench:
                         t.fill_(float("nan"))
                 _meet(group)
                 clock = PhaseClock(group) if instrumented else contextlib.nullcontext()
+                traced = last_real and self.args.trace and (trainers, receivers) == self.args.cases[0]
+                profiler = self._profiler(f"{name}-{trainers}x{receivers}-{bucket_mib}M") if traced else None
                 self.sends += 1
                 start = time.perf_counter()
-                with clock:
+                with clock, profiler or contextlib.nullcontext():
                     if role == "trainer":
                         self.sender.bucket_bytes = bucket_bytes
                         weights = policy.iter_hf_weights(*trainer_model)
@@ -419,9 +421,26 @@ class Bench:
         else:
             group.close()
 
+    def _profiler(self, tag: str) -> torch.profiler.profile:
+        """A torch profiler for one real round: its Chrome trace and a summary table go to --trace."""
+        out = Path(self.args.trace)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def write(prof: torch.profiler.profile) -> None:
+            prof.export_chrome_trace(str(out / f"{tag}-rank{self.rank}.json"))
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            cuda = prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
+            (out / f"{tag}-rank{self.rank}.txt").write_text(f"{table}\n{cuda}\n")
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        return torch.profiler.profile(activities=activities, on_trace_ready=write)
+
     def _checksum(self, trainer_model: tuple) -> float:
         """The sum of every full parameter, gathered as publish gathers them (collective over the trainer ranks)."""
-        return sum(float(t.double().sum()) for _, t in policy.iter_hf_weights(*trainer_model))
+        model, adapter, dtype = trainer_model
+        return sum(float(t.to(dtype).double().sum()) for _, t in policy.iter_hf_weights(model, adapter, dtype))
 
     def _collect(self, group: SyncGroup, tag: str, values: list[float]) -> list[list[float]]:
         """Every group rank's `values` (rank order) on the sender; others get only their own."""
@@ -473,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after a warm-up)")
     parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl" if torch.cuda.is_available() else "gloo")
     parser.add_argument("--out", default="runs/bench/weight_sync.json")
+    parser.add_argument("--trace", default="", help="directory: profile the first case's last timed round there")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in QWEN3]
     if unknown:

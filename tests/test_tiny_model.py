@@ -126,7 +126,8 @@ def test_the_sharded_policy_loads_and_yields_the_hf_weights(tiny, one_rank_group
     for (name, tensor), spec in zip(weights, names, strict=True):
         assert torch.equal(tensor, hf_state[name]), name
         assert spec == {"name": name, "dtype": "float32", "shape": list(hf_state[name].shape)}
-    assert {t.dtype for _, t in policy.iter_hf_weights(model, adapter, torch.bfloat16)} == {torch.bfloat16}
+    for name, tensor in policy.iter_hf_weights(model, adapter, torch.bfloat16):
+        assert torch.equal(tensor.to(torch.bfloat16), hf_state[name].to(torch.bfloat16)), name
 
     # token_logprobs: aligned with the input (position t holds log p(token t | tokens before t))
     x = tokens()
@@ -151,4 +152,38 @@ def test_a_policy_trained_in_bf16_publishes_its_fp32_masters_in_fp32(tiny, one_r
     hf_state = load_file(tiny / "model.safetensors")
     for dtype in (torch.float32, torch.bfloat16):
         for name, tensor in policy.iter_hf_weights(model, adapter, dtype):
-            assert tensor.dtype == dtype and torch.equal(tensor, hf_state[name].to(dtype)), name
+            assert torch.equal(tensor.to(dtype), hf_state[name].to(dtype)), name
+
+
+def _publish_on_two_ranks(rank: int, port: int, model_dir, param_dtype: torch.dtype) -> None:
+    """One of two gloo ranks: gather through FSDP2's unshard path and check every weight on rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        args = policy.model_args_from_hf(policy.read_hf_config(model_dir))
+        adapter = Qwen3StateDictAdapter(args, None)
+        model = policy.build_model(
+            args, init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",)), torch.device("cpu"), param_dtype
+        )
+        policy.load_hf_weights(model, adapter, model_dir)
+        hf_state = load_file(model_dir / "model.safetensors")
+        names = [w["name"] for w in policy.hf_weight_names(model, adapter, torch.float32)]
+        for dtype in (torch.float32, torch.bfloat16):
+            seen = []
+            for name, tensor in policy.iter_hf_weights(model, adapter, dtype):
+                assert torch.equal(tensor.to(dtype), hf_state[name].to(dtype)), (rank, name, dtype)
+                seen.append(name)
+            assert seen == names
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-compute"])
+def test_two_ranks_gather_every_weight_through_fsdp_unshard(tiny, param_dtype):
+    """On several ranks publish gathers block by block; bf16 compute still publishes the fp32 masters in fp32."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _publish_on_two_ranks, args=(port, tiny, param_dtype), nprocs=2, start_method="spawn"
+    )

@@ -7,6 +7,7 @@ every rank); they drive it in order, the way a controller would.
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -376,9 +377,33 @@ def test_a_restarted_trainer_resumes_from_its_last_checkpoint(trainer, tiny, tmp
         step = again.http.post("/train", content=make_batch(exported_v3, version=3).encode(), headers=AUTH).json()
         assert step["step"] == 4 and step["policy_version"] == 4 and step["staleness_max"] == 0
         assert step["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert_a_non_finite_gradient_skips_the_update(again, exported_v3, tmp_path)
     finally:
         again.stop()
     assert "resumed from" in again.output()
+
+
+def assert_a_non_finite_gradient_skips_the_update(trainer: RoleProcess, model_dir: Path, tmp_path: Path) -> None:
+    """The fused optimizer skips the step on the device (found_inf): no weight moves, the version stays."""
+
+    def export(name: str) -> dict[str, torch.Tensor]:
+        answer = trainer.http.post("/weights/export", json={"dir": str(tmp_path / name)}, headers=AUTH).json()
+        return load_file(Path(answer["path"]) / "model.safetensors")
+
+    def train(batch: TrainBatch) -> dict:
+        return trainer.http.post("/train", content=batch.encode(), headers=AUTH).json()
+
+    before = export("before")
+    batch = make_batch(model_dir, version=4)
+    batch.advantages[:] = 3e38  # finite, but the gradient's norm overflows
+    step = train(batch)
+    assert step["updated"] is False and step["policy_version"] == 4 and step["step"] == 5
+    assert step["grad_norm"] is None  # JSON has no Infinity: null; the gauge holds the value
+    after = export("after")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    # The optimizer state skipped it too: the next finite batch is an ordinary update, 4 -> 5.
+    step = train(make_batch(model_dir, version=4))
+    assert step["updated"] is True and step["policy_version"] == 5 and math.isfinite(step["grad_norm"])
 
 
 # -- with a real generator: the loop GRPO runs ----------------------------------------------------

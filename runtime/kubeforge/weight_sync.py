@@ -280,17 +280,16 @@ def latest_version(addr: str, timeout_s: float = 5.0) -> int | None:
 
 
 class WeightReceiver:
-    """Receives buckets into one preallocated flat buffer and hands the views to `load`.
+    """Receives each bucket into a buffer of its own and hands typed views of it to `load`.
 
-    `load` gets `[(name, tensor), ...]` per bucket. The tensors are copies, not views into the
-    buffer: vLLM's layer-wise reload keeps a layer's tensors until all of that layer's weights
-    have arrived (q/k/v and gate/up are fused), which may be in a later bucket, and the buffer
-    is overwritten by then.
+    `load` gets `[(name, tensor), ...]` per bucket: views into that bucket's buffer, which no
+    later bucket overwrites. vLLM's layer-wise reload may keep a layer's tensors until all of its
+    weights have arrived (q/k/v and gate/up are fused), possibly buckets later; a buffer lives as
+    long as a view of it does, and goes back to the caching allocator after. No copy is made here.
     """
 
     def __init__(self, group: SyncGroup):
         self.group = group
-        self._buffer = torch.empty(0, dtype=torch.uint8, device=group.device)
 
     def announce_ready(self, update_id: str, digest: str) -> None:
         """Tell the sender this rank is paused and will receive the plan with `digest`."""
@@ -304,22 +303,30 @@ class WeightReceiver:
         *,
         update_id: str | None = None,
     ) -> int:
-        """Receive every bucket of the plan, calling `load` after each; return the bytes received."""
+        """Receive every bucket of the plan, calling `load` after each; return the bytes received.
+
+        Bucket k+1's broadcast is posted before bucket k is loaded, so that it crosses the wire
+        meanwhile (NCCL starts it once the work queued before it on the current stream is done:
+        bucket k-1's load at most).
+        """
         plan = plan_buckets(params, bucket_bytes)
-        self._reserve(max_bucket_bytes(plan))
         if update_id is not None:
             self.announce_ready(update_id, plan_digest(plan))
+
+        def post(bucket: Bucket) -> tuple[dist.Work | None, torch.Tensor]:
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
+            return self.group.broadcast(buffer, src=0, async_op=True), buffer
+
         received = 0
-        for bucket in plan:
-            buffer = self._buffer[: bucket.nbytes]
-            self.group.broadcast(buffer, src=0)
-            load([(p.name, view.clone()) for p, view in views(buffer, bucket)])
+        upcoming = post(plan[0]) if plan else None
+        for k, bucket in enumerate(plan):
+            work, buffer = upcoming
+            upcoming = post(plan[k + 1]) if k + 1 < len(plan) else None
+            if work is not None:
+                work.wait()
+            load([(p.name, view) for p, view in views(buffer, bucket)])
             received += bucket.nbytes
         return received
-
-    def _reserve(self, nbytes: int) -> None:
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +387,7 @@ class WeightSender:
         self._formation = 0
         self._updates = 0
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device)] * 2  # see broadcast
+        self._view_cache: dict[tuple[int, int, Bucket], list[tuple[ParamSpec, torch.Tensor]]] = {}
 
     # -- group membership -------------------------------------------------------------------
 
@@ -461,6 +469,7 @@ class WeightSender:
             params = [ParamSpec.of(n, t) for n, t in named_tensors]
         params = [ParamSpec.parse(p) for p in params]
         plan = plan_buckets(params, self.bucket_bytes)
+        digest = plan_digest(plan)
         self._updates += 1
         update_id = f"{self.group.prefix.rsplit('/', 1)[-1]}-{self._updates}"
         body = {
@@ -473,8 +482,8 @@ class WeightSender:
         requests = [(f"{u}/weights/update", body) for u in self.generator_urls]
 
         def transfer(futures: Sequence[Future]) -> int:
-            self.wait_ready(update_id, plan_digest(plan), futures)
-            return self.broadcast(named_tensors, plan)
+            # The first bucket is gathered and packed while the generators pause and get ready.
+            return self.broadcast(named_tensors, plan, ready=lambda: self.wait_ready(update_id, digest, futures))
 
         nbytes, answers = self._alongside(requests, transfer)
         seconds = time.perf_counter() - start
@@ -493,6 +502,8 @@ class WeightSender:
         keys = [self.group.key(f"ready/{update_id}/{r}") for r in range(1, self.group.world_size)]
         deadline = time.monotonic() + self.timeout_s
         # Poll with check(), not wait(): wait() with a short timeout logs a warning per timeout.
+        # Short naps first: a receiver that is already waiting is usually ready within a millisecond.
+        nap = 1e-4
         while not self.group.store.check(keys):
             for f in futures:
                 if f.done():
@@ -500,23 +511,32 @@ class WeightSender:
                     raise RuntimeError("a generator answered /weights/update before receiving anything")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"generators not ready for weight update {update_id} after {self.timeout_s} s")
-            time.sleep(0.01)
+            time.sleep(nap)
+            nap = min(2 * nap, 0.01)
         digests = {self.group.store.get(k).decode() for k in keys}
         for k in keys:
             self.group.store.delete_key(k)
         if digests != {digest}:
             raise RuntimeError(f"receivers cut a different bucket plan: {sorted(digests)} vs {digest}")
 
-    def broadcast(self, named_tensors: Iterable[tuple[str, torch.Tensor]], plan: Sequence[Bucket]) -> int:
+    def broadcast(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        plan: Sequence[Bucket],
+        ready: Callable[[], None] | None = None,
+    ) -> int:
         """Pack and broadcast every bucket of `plan`; return the bytes sent.
 
-        Two buffers take turns, so that packing bucket k+1 (the trainer's gather and the copies
-        in) overlaps bucket k on the wire: each broadcast is started asynchronously (NCCL runs it
-        on its own stream once the packing queued before it is done; gloo in its own thread), and
-        a buffer is waited on only when its turn to be packed comes again, two buckets later.
-        The receivers see the same buckets in the same order: their plan does not change.
+        `ready` (the receivers' handshake) is called once the first bucket is packed, before it
+        is broadcast. Two buffers take turns, so that packing bucket k+1 (the trainer's gather and
+        the copies in) overlaps bucket k on the wire: each broadcast is started asynchronously
+        (NCCL runs it on its own stream once the packing queued before it is done; gloo in its own
+        thread), and a buffer is waited on only when its turn to be packed comes again, two
+        buckets later. The receivers see the same buckets in the same order: their plan does not change.
         """
         assert self.group is not None
+        if not plan and ready is not None:
+            ready()
         self._reserve(max_bucket_bytes(plan))
         tensors = iter(named_tensors)
         in_flight: list[dist.Work | None] = [None] * len(self._buffers)
@@ -525,16 +545,17 @@ class WeightSender:
             turn = k % len(self._buffers)
             if in_flight[turn] is not None:
                 in_flight[turn].wait()  # this buffer's previous bucket has left: it may be overwritten
-            buffer = self._buffers[turn][: bucket.nbytes]
-            for spec, view in views(buffer, bucket):
+            for spec, view in self._views(turn, k, bucket):
                 name, tensor = next(tensors, (None, None))
                 if name != spec.name:
                     raise ValueError(f"expected parameter {spec.name!r} next, got {name!r}")
                 tensor = _materialize(tensor)
-                if tuple(tensor.shape) != spec.shape:
+                if tensor.shape != spec.shape:
                     raise ValueError(f"{name}: shape {tuple(tensor.shape)} but {spec.shape} was announced")
                 view.copy_(tensor.detach())  # casts to the wire dtype and moves to the group's device
-            in_flight[turn] = self.group.broadcast(buffer, src=0, async_op=True)
+            if k == 0 and ready is not None:
+                ready()
+            in_flight[turn] = self.group.broadcast(self._buffers[turn][: bucket.nbytes], src=0, async_op=True)
             sent += bucket.nbytes
         for work in in_flight:
             if work is not None:
@@ -550,6 +571,17 @@ class WeightSender:
         # Two buffers for every bucket and every update: no allocation on the hot path.
         if self._buffers[0].numel() < nbytes:
             self._buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self._view_cache.clear()
+
+    def _views(self, turn: int, k: int, bucket: Bucket) -> list[tuple[ParamSpec, torch.Tensor]]:
+        """Bucket k's typed views into buffer `turn`, made once: the buffers and the plan outlive an update."""
+        key = (turn, k, bucket)
+        cached = self._view_cache.get(key)
+        if cached is None:
+            if len(self._view_cache) > 4096:  # the plan changed many times (bucket size, model): start over
+                self._view_cache.clear()
+            cached = self._view_cache[key] = list(views(self._buffers[turn][: bucket.nbytes], bucket))
+        return cached
 
     def _next_group_name(self) -> str:
         self._formation += 1

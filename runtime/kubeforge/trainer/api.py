@@ -16,6 +16,7 @@ answering probes and /metrics during a step.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -141,7 +142,11 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         LOSS.labels(**labels).set(metrics["loss"])
         GRAD_NORM.labels(**labels).set(metrics["grad_norm"])
         STALENESS.labels(**labels).set(metrics["staleness_max"])
-        return JSONResponse(metrics)
+        # JSON has no Infinity or NaN: a step whose gradient overflowed reports them as null
+        # (the gauges above keep the values; "updated": false says the step was skipped).
+        return JSONResponse(
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        )
 
     @app.post("/evaluate")
     async def evaluate(request: Request) -> dict[str, Any]:

@@ -94,15 +94,16 @@ class Trainer:
         param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
         self.model = policy.build_model(args, mesh, device, param_dtype)
         s = self.settings
-        # Fused AdamW on GPU (torchtitan's default): one kernel over all parameters, 40 -> 20 ms a
-        # step at 1.7B (docs/benchmarks.md, B6). CPU keeps the default per-parameter loop.
+        # Fused AdamW (torchtitan's default on GPU): one kernel over all parameters, 40 -> 20 ms a
+        # step at 1.7B (docs/benchmarks.md, B6), and it can skip a non-finite step on the device
+        # (`train`). Fused on CPU too, so that the tests run the GPU's code path.
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=s.lr,
             betas=s.betas,
             eps=s.adam_eps,
             weight_decay=s.weight_decay,
-            fused=device.type == "cuda",
+            fused=True,
         )
         self.step = 0  # train steps run
         self.policy_version = 0  # optimizer updates applied: the version of the weights held
@@ -242,10 +243,13 @@ class Trainer:
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 totals[name] = totals.get(name, 0) + value
         grad_norm = clip_grad_norm_(list(self.model.parameters()), s.max_grad_norm, foreach=True)
+        # A non-finite gradient would poison the weights: the fused kernel skips the whole update
+        # (step counts included) when found_inf is set, as GradScaler has it do. Deciding on the
+        # device lets the host queue the step without waiting for the norm (docs/benchmarks.md, B6).
+        self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        self.optimizer.step()
         updated = bool(torch.isfinite(grad_norm))
-        if updated:
-            self.optimizer.step()
-        else:  # a non-finite gradient would poison the weights: skip the update, keep the version
+        if not updated:  # the update was skipped: keep the version
             log.warning("step %d: gradient norm %s, update skipped", self.step + 1, grad_norm.item())
         lags = Counter((self.policy_version - batch.policy_versions).tolist())
         self.staleness_seen.update(lags)
@@ -371,8 +375,8 @@ class Trainer:
         return policy.hf_weight_names(self.model, self.adapter, self.publish_dtype)
 
     def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor in the checkpoint's dtype), one parameter at a time. Collective; each
-        tensor is valid until the next is asked for."""
+        """(HF name, full tensor), one parameter at a time; cast to `publish_dtype`, the published weight.
+        Collective; each tensor is valid until the next is asked for."""
         return policy.iter_hf_weights(self.model, self.adapter, self.publish_dtype)
 
     def publish_weights(self, generators: list[str], reconnect: bool = False) -> dict[str, Any]:
@@ -415,7 +419,11 @@ class Trainer:
         """Write the current weights as an HF checkpoint (the model directory's other files copied)."""
         # Every rank runs the loop (each FSDP block is an all-gather); rank 0 keeps a copy of what it
         # gathers (a yielded tensor is only valid until the next).
-        weights = {name: tensor.to("cpu", copy=True) for name, tensor in self.iter_hf_weights() if self.rank == 0}
+        weights = {
+            name: tensor.to("cpu", self.publish_dtype, copy=True)
+            for name, tensor in self.iter_hf_weights()
+            if self.rank == 0
+        }
         if self.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             for item in self.model_dir.iterdir():

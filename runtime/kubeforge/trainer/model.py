@@ -38,6 +38,7 @@ from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAda
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
+IGNORE_INDEX = -100  # cross_entropy's target for "no next token"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -260,22 +261,38 @@ def _fsdp_owner(name: str, fsdp: dict[str, FSDPModule]) -> FSDPModule | None:
     return None
 
 
-def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor in `dtype`) one parameter at a time, in `hf_weight_names`' order.
+def _whole_on_this_rank(param: torch.Tensor) -> bool:
+    """The parameter's local shard is all of it: a plain tensor, or a DTensor on a one-rank mesh."""
+    return not isinstance(param, DTensor) or param.device_mesh.size() == 1
 
-    Collective: every rank must run the loop to the end. Each FSDP module's parameters are gathered
-    together by FSDP2's `unshard()`, in its mixed-precision param dtype (bf16 on GPU, the usual
-    publish dtype): one all-gather per block instead of a `full_tensor()` per parameter of the fp32
-    masters (the gather alone: 38.9 -> 16.4 ms for Qwen3-1.7B on an H200, docs/benchmarks.md B1). The root's
-    parameters (embedding, final norm, output) stay gathered throughout, since `named_parameters`
-    lists them first and last; one block at a time is gathered besides.
+
+def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) one parameter at a time, in `hf_weight_names`' order.
+
+    Cast to `dtype`, a yielded tensor holds the weight as published in `dtype`; it may still be in
+    a wider dtype (on one rank it is the fp32 master itself), so consumers cast as they copy:
+    `WeightSender` packs with a casting copy, and a cast of its own per parameter would cost as
+    much host time as the copy (docs/benchmarks.md, B1).
+
+    Collective: every rank must run the loop to the end. On one rank nothing is gathered: each
+    master is its own full value. On several, each FSDP module's parameters are gathered together
+    by FSDP2's `unshard()`, in its mixed-precision param dtype (bf16 on GPU, the usual publish
+    dtype): one all-gather per block instead of a `full_tensor()` per parameter of the fp32
+    masters. The root's parameters (embedding, final norm, output) stay gathered throughout,
+    since `named_parameters` lists them first and last; one block at a time is gathered besides.
 
     A yielded tensor is valid only until the next one is asked for: it may be a view of FSDP's
-    unsharded storage, which `reshard()` frees. Copy what you keep. `named_parameters` lists a tied
-    weight once, under the embedding's name, as HF does.
+    unsharded storage, which `reshard()` frees, or the master itself. Copy what you keep and never
+    write to it. `named_parameters` lists a tied weight once, under the embedding's name, as HF does.
     """
     masters = dict(model.named_parameters())  # the sharded parameters, before unshard swaps in full ones
-    fsdp = {prefix: module for prefix, module in model.named_modules() if isinstance(module, FSDPModule)}
+    if all(_whole_on_this_rank(p) for p in masters.values()):
+        for name, master in masters.items():
+            local = master.to_local() if isinstance(master, DTensor) else master
+            yield from adapter.to_hf({name: local.detach()}).items()
+        return
+    modules = dict(model.named_modules())
+    fsdp = {prefix: module for prefix, module in modules.items() if isinstance(module, FSDPModule)}
     root, block = fsdp.get(""), None
     try:
         if root is not None:
@@ -287,13 +304,13 @@ def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype
                     block.reshard()
                 block = owner
                 block.unshard()
-            full = model.get_parameter(name).detach()
+            prefix, _, leaf = name.rpartition(".")
+            full = getattr(modules[prefix], leaf).detach()  # after unshard(), the module holds the full parameter
             if full.dtype not in (dtype, master.dtype) and isinstance(master, DTensor):
                 # FSDP gathered in a narrower dtype than the one published (an fp32 or fp16
                 # checkpoint trained in bf16): gather this one from the fp32 master instead.
                 full = master.detach().full_tensor()
-            for hf_name, value in adapter.to_hf({name: full}).items():
-                yield hf_name, value.to(dtype)
+            yield from adapter.to_hf({name: full}).items()
     finally:
         for module in (block, root):
             if module is not None:
@@ -310,12 +327,13 @@ def token_logprobs(
     rows) each sequence sees only itself; a sequence's first token gets a meaningless value.
     """
     with packed_forward(position_ids):
-        logits = model(input_ids, positions=position_ids)[:, :-1].float()
+        logits = model(input_ids, positions=position_ids).flatten(0, 1).float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:]
-    # cross_entropy's fused log-softmax gives the same values as gather - logsumexp (within 1e-6)
-    # about 11 ms faster per 4 x 2048 micro-batch at 1.7B (docs/benchmarks.md, B6), and keeps no
-    # [B, T, V] log-softmax tensor for backward either.
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return F.pad(-nll.view(targets.shape), (1, 0))
+    # Each position's target is the next token; the last position has none. Padding the targets
+    # rather than slicing the logits keeps the [B*T, V] tensor whole: the backward of a slice would
+    # allocate a zero-filled copy of it. cross_entropy's fused log-softmax gives the same values as
+    # gather - logsumexp (within 1e-6), faster, and keeps no [B, T, V] log-softmax for backward.
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(logits, targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+    return F.pad(-nll.view(input_ids.shape)[:, :-1], (1, 0))
