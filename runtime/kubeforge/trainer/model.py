@@ -287,9 +287,12 @@ def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype
     """
     masters = dict(model.named_parameters())  # the sharded parameters, before unshard swaps in full ones
     if all(_whole_on_this_rank(p) for p in masters.values()):
-        for name, master in masters.items():
-            local = master.to_local() if isinstance(master, DTensor) else master
-            yield from adapter.to_hf({name: local.detach()}).items()
+        # Outside autograd, to_local() hands back the local tensor as it is instead of going
+        # through DTensor's autograd function: a host cost per parameter that a publish pays 300 times.
+        with torch.no_grad():
+            local = {name: m.to_local() if isinstance(m, DTensor) else m.detach() for name, m in masters.items()}
+        for name, tensor in local.items():
+            yield from adapter.to_hf({name: tensor}).items()
         return
     modules = dict(model.named_modules())
     fsdp = {prefix: module for prefix, module in modules.items() if isinstance(module, FSDPModule)}
