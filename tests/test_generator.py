@@ -217,9 +217,15 @@ def metric(generator: GeneratorProcess, name: str) -> float:
 def test_generate_returns_n_samples_per_prompt_with_logprobs_at_version_0(generator, hf_model):
     import torch
 
+    generated = "kubeforge_generator_generated_tokens_total"
+    tokens_before = metric(generator, generated)
     started = time.perf_counter()
     result = generate(generator, n=4, max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)
     seconds = time.perf_counter() - started
+    deadline = time.monotonic() + 5  # the stat logger records each engine step as the outputs go out
+    while metric(generator, generated) - tokens_before < 12 * 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(generator, generated) - tokens_before == 12 * 24
 
     assert len(result) == len(PROMPTS) * 4
     assert result.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
