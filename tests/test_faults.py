@@ -43,16 +43,22 @@ def tiny_job(tmp_path: Path, model: Path, **changes: Any) -> Path:
 
 
 def role_process(run_dir: Path, role: str, replica: int = 0, **env: str) -> psutil.Process | None:
-    """The live process of `role`-`replica` in this run (its environment says which it is)."""
+    """The live process of `role`-`replica` in this run (its environment says which it is).
+
+    The role's children (vLLM's engine core and workers) inherit that environment: the role's own
+    process is the one whose parent is not among them. Process ids wrap around, so a child may have
+    the lower id.
+    """
+    wanted = {"KUBEFORGE_RUN_DIR": str(run_dir), "KUBEFORGE_ROLE": role, "KUBEFORGE_REPLICA": str(replica), **env}
+    matches = {}
     for process in psutil.process_iter():
         try:
-            found = process.environ()
+            found, parent = process.environ(), process.ppid()
         except (psutil.Error, OSError):
             continue
-        wanted = {"KUBEFORGE_RUN_DIR": str(run_dir), "KUBEFORGE_ROLE": role, "KUBEFORGE_REPLICA": str(replica), **env}
         if all(found.get(k) == v for k, v in wanted.items()):
-            return process
-    return None
+            matches[process.pid] = (process, parent)
+    return next((process for process, parent in matches.values() if parent not in matches), None)
 
 
 def trained_steps(run_dir: Path) -> int:
