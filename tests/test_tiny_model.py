@@ -98,13 +98,25 @@ def test_unsupported_configs_are_refused_by_name(tiny):
         policy.model_args_from_hf({**config, "attention_bias": True})
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loaded_policy(model_dir, mesh, param_dtype: torch.dtype):
+    """The trainer's sharded policy with `model_dir`'s weights, its adapter, and the checkpoint's tensors."""
+    args = policy.model_args_from_hf(policy.read_hf_config(model_dir))
+    adapter = Qwen3StateDictAdapter(args, None)
+    model = policy.build_model(args, mesh, torch.device("cpu"), param_dtype)
+    policy.load_hf_weights(model, adapter, model_dir)
+    return model, adapter, load_file(model_dir / "model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A one-process gloo group: FSDP2 and DTensors for real, without torchrun."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,), mesh_dim_names=("fsdp",))
     dist.destroy_process_group()
@@ -112,12 +124,7 @@ def one_rank_group():
 
 def test_the_sharded_policy_loads_and_yields_the_hf_weights(tiny, one_rank_group):
     """What the trainer publishes: every checkpoint tensor under its HF name, unchanged."""
-    args = policy.model_args_from_hf(policy.read_hf_config(tiny))
-    adapter = Qwen3StateDictAdapter(args, None)
-    model = policy.build_model(args, one_rank_group, torch.device("cpu"), torch.float32)
-    policy.load_hf_weights(model, adapter, tiny)
-
-    hf_state = load_file(tiny / "model.safetensors")
+    model, adapter, hf_state = loaded_policy(tiny, one_rank_group, torch.float32)
     names = policy.hf_weight_names(model, adapter, torch.float32)
     # Copies: a yielded tensor may be FSDP's unsharded storage, freed when the iterator moves on.
     weights = [(name, t.clone()) for name, t in policy.iter_hf_weights(model, adapter, torch.float32)]
@@ -145,11 +152,7 @@ def test_the_sharded_policy_loads_and_yields_the_hf_weights(tiny, one_rank_group
 
 def test_a_policy_trained_in_bf16_publishes_its_fp32_masters_in_fp32(tiny, one_rank_group):
     """FSDP gathers in its compute dtype (bf16): an fp32 publish must still carry the masters' values, not bf16's."""
-    args = policy.model_args_from_hf(policy.read_hf_config(tiny))
-    adapter = Qwen3StateDictAdapter(args, None)
-    model = policy.build_model(args, one_rank_group, torch.device("cpu"), torch.bfloat16)
-    policy.load_hf_weights(model, adapter, tiny)
-    hf_state = load_file(tiny / "model.safetensors")
+    model, adapter, hf_state = loaded_policy(tiny, one_rank_group, torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         for name, tensor in policy.iter_hf_weights(model, adapter, dtype):
             assert torch.equal(tensor.to(dtype), hf_state[name].to(dtype)), name
@@ -160,13 +163,8 @@ def _publish_on_two_ranks(rank: int, port: int, model_dir, param_dtype: torch.dt
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        args = policy.model_args_from_hf(policy.read_hf_config(model_dir))
-        adapter = Qwen3StateDictAdapter(args, None)
-        model = policy.build_model(
-            args, init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",)), torch.device("cpu"), param_dtype
-        )
-        policy.load_hf_weights(model, adapter, model_dir)
-        hf_state = load_file(model_dir / "model.safetensors")
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+        model, adapter, hf_state = loaded_policy(model_dir, mesh, param_dtype)
         names = [w["name"] for w in policy.hf_weight_names(model, adapter, torch.float32)]
         for dtype in (torch.float32, torch.bfloat16):
             seen = []
@@ -181,9 +179,6 @@ def _publish_on_two_ranks(rank: int, port: int, model_dir, param_dtype: torch.dt
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-compute"])
 def test_two_ranks_gather_every_weight_through_fsdp_unshard(tiny, param_dtype):
     """On several ranks publish gathers block by block; bf16 compute still publishes the fp32 masters in fp32."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     torch.multiprocessing.start_processes(
-        _publish_on_two_ranks, args=(port, tiny, param_dtype), nprocs=2, start_method="spawn"
+        _publish_on_two_ranks, args=(free_port(), tiny, param_dtype), nprocs=2, start_method="spawn"
     )

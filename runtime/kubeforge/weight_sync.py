@@ -387,7 +387,8 @@ class WeightSender:
         self._formation = 0
         self._updates = 0
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device)] * 2  # see broadcast
-        self._view_cache: dict[tuple[int, int, Bucket], list[tuple[ParamSpec, torch.Tensor]]] = {}
+        # The plan last packed and each bucket's typed views into its buffer (see _views).
+        self._views_of: tuple[tuple[Bucket, ...], list[list[tuple[ParamSpec, torch.Tensor]]]] = ((), [])
 
     # -- group membership -------------------------------------------------------------------
 
@@ -541,11 +542,11 @@ class WeightSender:
         tensors = iter(named_tensors)
         in_flight: list[dist.Work | None] = [None] * len(self._buffers)
         sent = 0
-        for k, bucket in enumerate(plan):
+        for k, (bucket, bucket_views) in enumerate(zip(plan, self._views(plan), strict=True)):
             turn = k % len(self._buffers)
             if in_flight[turn] is not None:
                 in_flight[turn].wait()  # this buffer's previous bucket has left: it may be overwritten
-            for spec, view in self._views(turn, k, bucket):
+            for spec, view in bucket_views:
                 name, tensor = next(tensors, (None, None))
                 if name != spec.name:
                     raise ValueError(f"expected parameter {spec.name!r} next, got {name!r}")
@@ -571,17 +572,17 @@ class WeightSender:
         # Two buffers for every bucket and every update: no allocation on the hot path.
         if self._buffers[0].numel() < nbytes:
             self._buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            self._view_cache.clear()
+            self._views_of = ((), [])
 
-    def _views(self, turn: int, k: int, bucket: Bucket) -> list[tuple[ParamSpec, torch.Tensor]]:
-        """Bucket k's typed views into buffer `turn`, made once: the buffers and the plan outlive an update."""
-        key = (turn, k, bucket)
-        cached = self._view_cache.get(key)
-        if cached is None:
-            if len(self._view_cache) > 4096:  # the plan changed many times (bucket size, model): start over
-                self._view_cache.clear()
-            cached = self._view_cache[key] = list(views(self._buffers[turn][: bucket.nbytes], bucket))
-        return cached
+    def _views(self, plan: Sequence[Bucket]) -> list[list[tuple[ParamSpec, torch.Tensor]]]:
+        """Each bucket's typed views into the buffer it is packed in, made once per plan: the
+        buffers and the plan outlive an update, and making the views costs host time per parameter."""
+        key = tuple(plan)
+        if self._views_of[0] != key:
+            buffers = self._buffers
+            made = [list(views(buffers[k % len(buffers)][: b.nbytes], b)) for k, b in enumerate(plan)]
+            self._views_of = (key, made)
+        return self._views_of[1]
 
     def _next_group_name(self) -> str:
         self._formation += 1

@@ -246,9 +246,10 @@ class Trainer:
         # A non-finite gradient would poison the weights: the fused kernel skips the whole update
         # (step counts included) when found_inf is set, as GradScaler has it do. Deciding on the
         # device lets the host queue the step without waiting for the norm (docs/benchmarks.md, B6).
-        self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        finite = torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
-        updated = bool(torch.isfinite(grad_norm))
+        updated = bool(finite)
         if not updated:  # the update was skipped: keep the version
             log.warning("step %d: gradient norm %s, update skipped", self.step + 1, grad_norm.item())
         lags = Counter((self.policy_version - batch.policy_versions).tolist())
