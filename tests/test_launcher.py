@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from kubeforge.launcher import LaunchError, plan_gpus
+from kubeforge.launcher import LaunchError, allocate_ports, plan_gpus
 from kubeforge.validation import parse_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +183,18 @@ def test_a_busy_port_is_refused_before_anything_starts(tmp_path, minimal_job):
     assert result.returncode == 1
     assert f"port {port} (trainer-0) already in use" in result.stdout
     assert not run_dir.exists()
+
+
+def test_free_ports_come_from_below_the_ephemeral_range():
+    # A role binds its port seconds after the launcher picks it; an ephemeral port could be
+    # taken meanwhile by any bind(0) or outgoing connection (CI once saw a generator's
+    # weight-sync port taken by one of vLLM's own sockets).
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    names = [f"role-{i}" for i in range(50)]
+    ports = allocate_ports(names, None)
+    assert list(ports) == names
+    assert len(set(ports.values())) == len(names)
+    assert all(1024 <= port < first_ephemeral for port in ports.values()), ports
 
 
 def test_a_role_whose_port_is_taken_says_so(tmp_path, minimal_job):

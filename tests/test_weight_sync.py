@@ -201,6 +201,18 @@ class FakeGenerator:
             thread.join(10)
 
 
+def test_a_port_held_by_something_else_is_named_not_waited_on():
+    # TCPStore's client waits forever on a listener that never answers.
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        addr = f"127.0.0.1:{stranger.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="KUBEFORGE_WEIGHT_SYNC_ADDR.*another program holds that port"):
+            weight_sync.latest_version(addr, timeout_s=0.5)
+    assert time.monotonic() - started < 5
+
+
 def test_connect_and_send_drive_every_generator_through_http():
     named = named_tensors()
     addr = f"127.0.0.1:{free_port()}"

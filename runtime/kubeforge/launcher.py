@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -39,6 +40,7 @@ from kubeforge.contract import Endpoints, Instance
 from kubeforge.spec import Progress, RLJob, RLJobSpec, RLJobStatus, RoleCount
 
 LOCALHOST = "127.0.0.1"
+LOCAL_PORT_FLOOR = 20000  # below: well-known services' ports
 LOG_TAIL_LINES = 30
 STOP_GRACE_SECONDS = 10.0
 EXIT_FAILED = 1
@@ -117,18 +119,39 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def _first_ephemeral_port() -> int:
+    """The lowest port the OS hands out for bind(0) and outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; at or below the other systems' (49152)
+
+
+def _free_port(taken: Collection[int]) -> int:
+    """A free port below the ephemeral range, or from the OS when that range leaves too few.
+
+    A role binds its port seconds after the launcher picks it. An ephemeral port could be
+    handed meanwhile to another process's bind(0) (vLLM's and gloo's sockets do that), or to
+    an outgoing connection, and the role would then find it taken, or a peer would talk to a
+    stranger. Ports below the range are only ever bound on purpose.
+    """
+    first_ephemeral = _first_ephemeral_port()
+    if first_ephemeral - LOCAL_PORT_FLOOR >= 1024:
+        for _ in range(100):
+            port = random.randrange(LOCAL_PORT_FLOOR, first_ephemeral)
+            if port not in taken and _port_is_free(port):
+                return port
     with socket.socket() as s:
         s.bind((LOCALHOST, 0))
         return s.getsockname()[1]
 
 
 def allocate_ports(names: list[str], port_base: int | None) -> dict[str, int]:
-    """A port per name: consecutive from `port_base` (each checked), or free ones from the OS."""
+    """A port per name: consecutive from `port_base` (each checked), or free ones (see `_free_port`)."""
     if port_base is None:
         ports: dict[str, int] = {}
         while len(ports) < len(names):
-            port = _free_port()
+            port = _free_port(ports.values())
             if port not in ports.values():
                 ports[names[len(ports)]] = port
         return ports

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -259,8 +260,25 @@ def latest_version(addr: str, timeout_s: float = 5.0) -> int | None:
     """The policy version the trainer at `addr` last sent, or None (no trainer there, or nothing sent yet).
 
     A generator asks at start-up: if the job already trained past its checkpoint on disk, it
-    must not serve until the trainer has sent it the current weights.
+    must not serve until the trainer has sent it the current weights. Raises RuntimeError when
+    something listens at `addr` but does not answer as a store: TCPStore's client would wait
+    on it forever.
     """
+    answer: list[int | None] = []
+    probe = threading.Thread(
+        target=lambda: answer.append(_read_latest_version(addr, timeout_s)), name="weight-sync-probe", daemon=True
+    )
+    probe.start()
+    probe.join(2 * timeout_s)  # connect, then one request
+    if not answer:
+        raise RuntimeError(
+            f"{addr} (KUBEFORGE_WEIGHT_SYNC_ADDR) accepts connections but did not answer as the trainer's "
+            f"weight-sync store within {2 * timeout_s:.0f} s: another program holds that port"
+        )
+    return answer[0]
+
+
+def _read_latest_version(addr: str, timeout_s: float) -> int | None:
     import socket
 
     try:
