@@ -1,4 +1,5 @@
-"""The controller's Job handle: progress reports reach whoever asked for them."""
+"""The controller's Job handle: progress reports reach whoever asked for them; the metrics file
+follows resumes."""
 
 import asyncio
 import json
@@ -24,14 +25,18 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
+def controller_context(minimal_job, run_dir: Path, progress_url: str = "") -> RoleContext:
+    return RoleContext(
+        job="demo", namespace="team", role="controller", replica=0, spec=parse_job(minimal_job).spec,
+        run_dir=run_dir, token="s3cret", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
+        progress_url=progress_url,
+    )  # fmt: skip
+
+
 def test_progress_is_pushed_coalesced_and_flushed(minimal_job, tmp_path: Path):
     server = HTTPServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    ctx = RoleContext(
-        job="demo", namespace="team", role="controller", replica=0, spec=parse_job(minimal_job).spec,
-        run_dir=tmp_path, token="s3cret", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
-        progress_url=f"http://127.0.0.1:{server.server_port}/progress/team/demo",
-    )  # fmt: skip
+    ctx = controller_context(minimal_job, tmp_path, f"http://127.0.0.1:{server.server_port}/progress/team/demo")
 
     async def loop() -> None:
         job = Job(ctx)
@@ -48,3 +53,16 @@ def test_progress_is_pushed_coalesced_and_flushed(minimal_job, tmp_path: Path):
     # The first report goes at once; the four that follow within its second collapse into the newest.
     assert [body["step"] for _, body in _Recorder.received] == [1, 5]
     assert _Recorder.received[-1] == ("Bearer s3cret", {"step": 5, "policyVersion": 5, "rewardMean": 0.5})
+
+
+def test_a_resume_keeps_the_metrics_rows_up_to_its_checkpoint(minimal_job, tmp_path: Path):
+    job = Job(controller_context(minimal_job, tmp_path))
+    assert job.begin_metrics(None) == [] and job.metrics_path.read_text() == ""  # nothing there yet
+    rows = [{"step": 0, "eval_reward": 0.1}, *({"step": s, "loss": 1 / s} for s in range(1, 8))]
+    # The stopped run's file: its last line cut short by the stop.
+    job.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
+
+    kept = job.begin_metrics(5)  # the trainer resumed from its step-5 checkpoint
+    assert kept == rows[:6]
+    assert [json.loads(line) for line in job.metrics_path.read_text().splitlines()] == rows[:6]
+    assert job.begin_metrics(None) == [] and job.metrics_path.read_text() == ""  # a fresh start: none of them

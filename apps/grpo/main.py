@@ -415,7 +415,6 @@ async def main(job: Job) -> None:
     policy = Policy(GeneratorPool(job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
     rewards = RewardClient(job.urls("reward"), token=job.ctx.token)
     loop = GRPO(job, cfg, task, policy, rewards, trainer)
-    metrics_path = job.run_dir / "metrics.jsonl"
     started = time.monotonic()
 
     status = await trainer.status()
@@ -425,12 +424,9 @@ async def main(job: Job) -> None:
         loop.restore(saved)
         log.info("resuming at step %d (warm-up steps done %d, stream position %d, episodes %s)", loop.step,
                  loop.warmup_done, loop.position, loop.ledger.counts())  # fmt: skip
-        # Rows after the checkpoint are done again: keep the file to the checkpoint's steps.
-        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["step"] <= loop.step]
-        metrics_path.write_text("".join(kept))
-        loop.history = [json.loads(line) for line in kept]
+    loop.history = job.begin_metrics(loop.step if saved else None)  # later steps are done again
     await loop.publish()  # a restarted trainer's weights may be older than the generators' own
-    with metrics_path.open("a") as metrics:
+    with job.metrics_path.open("a") as metrics:
         if not saved:
             loop.record(metrics, {"step": 0, **await loop.evaluate()})
         if loop.warmup_done < cfg.warmup_steps:
@@ -442,13 +438,6 @@ async def main(job: Job) -> None:
     write_summary(job, cfg, loop.history, time.monotonic() - started)
     (job.run_dir / "episodes.json").write_text(json.dumps(loop.ledger.to_json()))
     await policy.generators.close()
-
-
-def _read_lines(path: Any) -> list[str]:
-    try:
-        return path.read_text().splitlines(keepends=True)
-    except FileNotFoundError:
-        return []
 
 
 def log_step(row: dict[str, Any]) -> None:

@@ -112,9 +112,9 @@ async def main(job: Job) -> None:
     # The stream is deterministic: skip the rows the steps before a resume trained on.
     stream = epochs(train, cfg.max_length, packed=cfg.pack, seed=cfg.seed)
     stream = itertools.islice(stream, loop.step * cfg.rows_per_step, None)
-    metrics_path = job.run_dir / "metrics.jsonl"
+    job.begin_metrics(loop.step or None)  # a resume does the steps after its checkpoint again
     steps = job.spec.steps
-    with metrics_path.open("a") as metrics:
+    with job.metrics_path.open("a") as metrics:
 
         def record(row: dict[str, Any]) -> None:
             metrics.write(json.dumps(row) + "\n")

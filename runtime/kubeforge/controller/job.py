@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -74,6 +75,35 @@ class Job:
     @property
     def run_dir(self) -> Path:
         return self.ctx.run_dir
+
+    @property
+    def metrics_path(self) -> Path:
+        """RUN_DIR/metrics.jsonl: the app's rows, a JSON object per line (what `kubeforge report` draws)."""
+        return self.run_dir / "metrics.jsonl"
+
+    def begin_metrics(self, resumed_step: int | None) -> list[dict[str, Any]]:
+        """Make the metrics file this run's: the rows of steps up to `resumed_step`, or none for a
+        fresh start (None); returns the rows kept.
+
+        A resumed loop does the steps after its checkpoint again and writes their rows anew; the
+        stopped run's rows for them would be there twice. A last line cut short by the stop goes too.
+        """
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        kept = []
+        for line in lines if resumed_step is not None else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= resumed_step:
+                kept.append(row)
+        partial = self.metrics_path.with_name(self.metrics_path.name + ".partial")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        partial.replace(self.metrics_path)  # all or nothing: a stop now keeps the old file
+        return kept
 
     def urls(self, role: str) -> list[str]:
         """Base URLs of every replica of `role` (empty if the job has none)."""
