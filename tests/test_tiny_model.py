@@ -15,6 +15,8 @@ import torch.distributed as dist
 from kubeforge.tiny_model import CHARACTERS, VOCAB_SIZE, main, write_tiny_model
 from kubeforge.trainer import model as policy
 from safetensors.torch import load_file
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.models.qwen3 import Qwen3Model
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
@@ -104,11 +106,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def loaded_policy(model_dir, mesh, param_dtype: torch.dtype):
+def loaded_policy(model_dir, mesh, param_dtype: torch.dtype, activation_checkpointing: str = "none"):
     """The trainer's sharded policy with `model_dir`'s weights, its adapter, and the checkpoint's tensors."""
     args = policy.model_args_from_hf(policy.read_hf_config(model_dir))
     adapter = Qwen3StateDictAdapter(args, None)
-    model = policy.build_model(args, mesh, torch.device("cpu"), param_dtype)
+    model = policy.build_model(args, mesh, torch.device("cpu"), param_dtype, activation_checkpointing)
     policy.load_hf_weights(model, adapter, model_dir)
     return model, adapter, load_file(model_dir / "model.safetensors")
 
@@ -156,6 +158,26 @@ def test_a_policy_trained_in_bf16_publishes_its_fp32_masters_in_fp32(tiny, one_r
     for dtype in (torch.float32, torch.bfloat16):
         for name, tensor in policy.iter_hf_weights(model, adapter, dtype):
             assert torch.equal(tensor.to(dtype), hf_state[name].to(dtype)), name
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_no_gradient_and_no_weight_name(tiny, one_rank_group, mode):
+    plain, adapter, hf_state = loaded_policy(tiny, one_rank_group, torch.float32)
+    checkpointed, _, _ = loaded_policy(tiny, one_rank_group, torch.float32, mode)
+    assert any(isinstance(m, CheckpointWrapper) for m in checkpointed.modules())  # it is applied
+    assert policy.hf_weight_names(checkpointed, adapter, torch.float32) == policy.hf_weight_names(
+        plain, adapter, torch.float32
+    )
+    for name, tensor in policy.iter_hf_weights(checkpointed, adapter, torch.float32):
+        assert torch.equal(tensor, hf_state[name]), name
+    # The checkpoint's keys (DCP, resume) are the plain model's.
+    assert get_model_state_dict(checkpointed).keys() == get_model_state_dict(plain).keys()
+
+    x = tokens()
+    for model in (plain, checkpointed):
+        policy.token_logprobs(model, x).sum().backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        torch.testing.assert_close(q.grad.full_tensor(), p.grad.full_tensor(), atol=1e-6, rtol=0, msg=name)
 
 
 def _publish_on_two_ranks(rank: int, port: int, model_dir, param_dtype: torch.dtype) -> None:

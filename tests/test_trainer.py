@@ -221,6 +221,24 @@ def test_settings_come_from_the_algorithm_section():
         TrainerSettings.from_algorithm({"lr": "fast"})
 
 
+def test_the_learning_rate_warms_up_then_holds_or_decays():
+    def rates(**keys) -> list[float]:
+        settings = TrainerSettings.from_algorithm({"lr": 1.0, "lrWarmupSteps": 2, **keys})
+        return [settings.lr_at(step, rl_steps=6) for step in range(9)]
+
+    assert rates() == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 1])
+    # Decay from the end of warm-up to lr * lrMinFactor, reached one step after the job's last
+    # (torchtitan's shape: the last step still learns); a job extended on resume keeps the final rate.
+    assert rates(lrDecay="linear", lrMinFactor=0.1) == pytest.approx([0.5, 1, 1, 0.775, 0.55, 0.325, 0.1, 0.1, 0.1])
+    assert rates(lrDecay="cosine")[2:7] == pytest.approx(
+        [1, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 - math.cos(math.pi / 4)), 0]
+    )
+    # GRPO's supervised warm-up steps (warmupSteps) are trainer steps: the decay spans them too.
+    assert rates(lrDecay="linear", warmupSteps=2)[6:] == pytest.approx([2 / 6, 1 / 6, 0])
+    with pytest.raises(ValueError, match="spec.algorithm.lrDecay: got 'step'"):
+        TrainerSettings.from_algorithm({"lrDecay": "step"})
+
+
 @pytest.mark.parametrize("world_size, micro_batch_size", [(2, 0), (2, 2), (3, 1), (8, 0)])
 def test_every_row_is_trained_once_and_every_rank_runs_as_many_passes(world_size, micro_batch_size):
     batch = small_batch(rows=5)
@@ -255,8 +273,18 @@ def trainer(tmp_path_factory, tiny):
         tmp,
         tiny,
         roles={"trainer": {"procsPerNode": 2}},
-        algorithm={"lr": 0.01, "clipEpsHigh": 0.28, "microBatchSize": 2},  # 3 rows per rank: 2 passes
+        # 3 rows per rank: 2 passes; the learning rate decays linearly over the job's 20 steps;
+        # activations are recomputed (the gradient is checked against a reference, and checkpoints
+        # against the plain model's names).
+        algorithm={
+            "lr": 0.01,
+            "lrDecay": "linear",
+            "clipEpsHigh": 0.28,
+            "microBatchSize": 2,
+            "activationCheckpointing": "selective",
+        },  # fmt: skip
         checkpoint={"interval": 2, "keep": 2},
+        steps=20,
     )
     process = RoleProcess("trainer", envs["trainer-0"], tmp / "trainer.log")
     try:
@@ -317,6 +345,7 @@ def test_training_moves_the_policy_towards_the_advantaged_answer(trainer, tiny, 
         assert step["tokens"] == 6 and step["samples"] == 6 and step["staleness_max"] == 0
         assert step["updated"] and step["step_seconds"] > 0
     assert [s["policy_version"] for s in steps] == [1, 2, 3]
+    assert [s["lr"] for s in steps] == pytest.approx([0.01, 0.0095, 0.009])
     assert [s["checkpoint"] and Path(s["checkpoint"]).name for s in steps] == [None, "step-2", None]  # interval 2
 
     after = response_logprobs(policy, [GOOD, BAD])
@@ -371,12 +400,14 @@ def test_a_restarted_trainer_resumes_from_its_last_checkpoint(trainer, tiny, tmp
         status = again.http.get("/status").json()
         assert status["step"] == 3 and status["policy_version"] == 3
         assert status["app_state"] == {"data_position": 42}
+        assert status["staleness"] == {"0": 18}  # the 3 steps' 6 rows each, on policy, kept
         assert Path(status["checkpoint"]).name == "step-3"
         # On policy against the checkpoint's weights (exported at v3 before the stop): ratio 1.
         exported_v3 = Path(trainer.env["KUBEFORGE_RUN_DIR"]) / "exports" / "policy-v3"
         step = again.http.post("/train", content=make_batch(exported_v3, version=3).encode(), headers=AUTH).json()
         assert step["step"] == 4 and step["policy_version"] == 4 and step["staleness_max"] == 0
         assert step["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert step["lr"] == pytest.approx(0.0085)  # the schedule goes on from the checkpoint's step
         assert_a_non_finite_gradient_skips_the_update(again, exported_v3, tmp_path)
     finally:
         again.stop()

@@ -39,6 +39,7 @@ log = logging.getLogger("kubeforge.trainer")
 
 CHECKPOINT_PREFIX = "step-"
 APP_STATE_FILE = "app_state.json"  # the controller's own state (data position, ...), saved with the checkpoint
+TOTALS_FILE = "trainer_totals.json"  # the trainer's running totals (rows by staleness), saved with the checkpoint
 
 
 class PublishError(RuntimeError):
@@ -92,7 +93,7 @@ class Trainer:
         self.publish_dtype = policy.hf_dtype(self.hf_config)
         mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
-        self.model = policy.build_model(args, mesh, device, param_dtype)
+        self.model = policy.build_model(args, mesh, device, param_dtype, self.settings.activation_checkpointing)
         s = self.settings
         # Fused AdamW (torchtitan's default on GPU): one kernel over all parameters, 40 -> 20 ms a
         # step at 1.7B (docs/benchmarks.md, B6), and it can skip a non-finite step on the device
@@ -248,6 +249,8 @@ class Trainer:
         # device lets the host queue the step without waiting for the norm (docs/benchmarks.md, B6).
         finite = torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr_at(self.step, self.ctx.spec.steps)
         self.optimizer.step()
         updated = bool(finite)
         if not updated:  # the update was skipped: keep the version
@@ -305,7 +308,7 @@ class Trainer:
         }
 
     def staleness_totals(self) -> dict[str, int]:
-        """Rows trained on so far, by how many policy versions they lagged (since this process started)."""
+        """Rows trained on so far, by how many policy versions they lagged (kept across a resume)."""
         return {str(lag): n for lag, n in sorted(self.staleness_seen.items())}
 
     def _micro_batches(self, batch: TrainBatch) -> Iterator[TrainBatch]:
@@ -343,8 +346,10 @@ class Trainer:
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optimizer_state, "trainer": self._counters()}
             dcp.save(state, checkpoint_id=str(path))
-        if self.rank == 0 and app_state is not None:
-            (path / APP_STATE_FILE).write_text(json.dumps(app_state))
+        if self.rank == 0:
+            (path / TOTALS_FILE).write_text(json.dumps({"staleness": self.staleness_totals()}))
+            if app_state is not None:
+                (path / APP_STATE_FILE).write_text(json.dumps(app_state))
         dist.barrier()  # DCP's coordinator has written .metadata: the checkpoint is complete
         if self.rank == 0 and path != self.last_checkpoint:
             for old in completed_checkpoints(self.checkpoint_dir)[: -self.ctx.spec.checkpoint.keep]:
@@ -360,6 +365,11 @@ class Trainer:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.step = int(state["trainer"]["step"])
         self.policy_version = int(state["trainer"]["policy_version"])
+        totals = path / TOTALS_FILE
+        if totals.exists():  # not in checkpoints written before it was
+            self.staleness_seen = Counter(
+                {int(lag): n for lag, n in json.loads(totals.read_text())["staleness"].items()}
+            )
         self.last_checkpoint = path
         if self.rank == 0:
             log.info("resumed from %s: step %d, policy version %d", path, self.step, self.policy_version)

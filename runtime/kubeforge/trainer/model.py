@@ -27,15 +27,20 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torchtitan.config.job_config import ActivationCheckpoint
+from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.attention import ScaledDotProductAttentionWrapper
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list as llama3_op_sac_save_list
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
+from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list as qwen3_op_sac_save_list
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 IGNORE_INDEX = -100  # cross_entropy's target for "no next token"
@@ -133,12 +138,13 @@ class Architecture:
     args: Callable[[dict[str, Any]], Any]  # HF config.json -> torchtitan model args
     model: type[torch.nn.Module]
     adapter: type[Qwen3StateDictAdapter] | type[Llama3StateDictAdapter]
+    op_sac_save_list: set  # ops whose outputs selective activation checkpointing keeps (torchtitan's choice)
 
 
 # By HF config.json model_type.
 ARCHITECTURES = {
-    "qwen3": Architecture(_qwen3_args, Qwen3Model, Qwen3StateDictAdapter),
-    "llama": Architecture(_llama3_args, Transformer, Llama3StateDictAdapter),
+    "qwen3": Architecture(_qwen3_args, Qwen3Model, Qwen3StateDictAdapter, qwen3_op_sac_save_list),
+    "llama": Architecture(_llama3_args, Transformer, Llama3StateDictAdapter, llama3_op_sac_save_list),
 }
 ModelArgs = Qwen3ModelArgs | TransformerModelArgs
 Adapter = Qwen3StateDictAdapter | Llama3StateDictAdapter
@@ -218,10 +224,26 @@ def use_document_attention(model: torch.nn.Module) -> None:
         block.attention.inner_attention = DocumentAttention()
 
 
-def build_model(args: ModelArgs, mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype) -> torch.nn.Module:
-    """The model on `device`, sharded over `mesh`, weights initialised at random (load them next)."""
+def build_model(
+    args: ModelArgs,
+    mesh: DeviceMesh,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    activation_checkpointing: str = "none",
+) -> torch.nn.Module:
+    """The model on `device`, sharded over `mesh`, weights initialised at random (load them next).
+
+    `activation_checkpointing` is torchtitan's mode: "full" recomputes each block's activations in
+    the backward pass, "selective" keeps the outputs of the ops torchtitan lists per architecture
+    (matmuls, attention) and recomputes the rest. Either wraps each block, as torchtitan does,
+    before FSDP shards it.
+    """
+    architecture = _architecture(args)
     with torch.device("meta"):
-        model = _architecture(args).model(args)
+        model = architecture.model(args)
+    if activation_checkpointing != "none":
+        config = ActivationCheckpoint(mode=activation_checkpointing, selective_ac_option="op")
+        apply_ac(model, config, op_sac_save_list=architecture.op_sac_save_list)
     # One FSDP group per block, the rest (embedding, final norm, output, tied or not) in the root's.
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
@@ -247,8 +269,14 @@ def hf_weight_names(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype
     return [
         {"name": hf_name, "dtype": str(dtype).removeprefix("torch."), "shape": list(value.shape)}
         for name, param in model.named_parameters()
-        for hf_name, value in adapter.to_hf({name: torch.empty(param.shape, device="meta")}).items()
+        for hf_name, value in adapter.to_hf({_plain_name(name): torch.empty(param.shape, device="meta")}).items()
     ]
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name as checkpoints and the state-dict adapter know it: without the prefix
+    activation checkpointing's wrapper adds to the blocks it wraps."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def _fsdp_owner(name: str, fsdp: dict[str, FSDPModule]) -> FSDPModule | None:
@@ -292,7 +320,7 @@ def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype
         with torch.no_grad():
             local = {name: m.to_local() if isinstance(m, DTensor) else m.detach() for name, m in masters.items()}
         for name, tensor in local.items():
-            yield from adapter.to_hf({name: tensor}).items()
+            yield from adapter.to_hf({_plain_name(name): tensor}).items()
         return
     modules = dict(model.named_modules())
     fsdp = {prefix: module for prefix, module in modules.items() if isinstance(module, FSDPModule)}
@@ -313,7 +341,7 @@ def iter_hf_weights(model: torch.nn.Module, adapter: Adapter, dtype: torch.dtype
                 # FSDP gathered in a narrower dtype than the one published (an fp32 or fp16
                 # checkpoint trained in bf16): gather this one from the fp32 master instead.
                 full = master.detach().full_tensor()
-            yield from adapter.to_hf({name: full}).items()
+            yield from adapter.to_hf({_plain_name(name): full}).items()
     finally:
         for module in (block, root):
             if module is not None:
