@@ -51,7 +51,7 @@ def test_a_refused_move_leaves_every_episode_where_it_was():
     assert ledger.state(fresh[0]) == State.IN_FLIGHT
 
 
-def test_rewind_forgets_unfinished_work_and_names_its_prompts():
+def test_a_checkpoint_keeps_only_final_episodes_so_a_resume_generates_the_rest_again():
     ledger = Ledger()
     trained = ledger.open(0, 2)
     ledger.move(trained, State.SCORED, versions=[0, 0])
@@ -61,9 +61,12 @@ def test_rewind_forgets_unfinished_work_and_names_its_prompts():
     ledger.move(buffered, State.SCORED, versions=[1, 1])
     ledger.move(buffered, State.BUFFERED)
     ledger.open(2, 2)
-    assert ledger.rewind() == [1, 2]
-    assert len(ledger) == 2 and ledger.counts()["trained"] == 2
-    ledger.open(1, 2)  # generated again after a resume: no longer a duplicate
+    resumed = Ledger.from_json(ledger.to_json(final_only=True))
+    assert len(resumed) == 2 and resumed.counts()["trained"] == 2
+    resumed.open(1, 2)  # generated again after a resume: no longer a duplicate
+    resumed.open(2, 2)
+    with pytest.raises(LedgerError, match="opened twice"):
+        resumed.open(0, 2)  # trained before the checkpoint: never again
 
 
 def test_the_ledger_survives_a_json_round_trip():

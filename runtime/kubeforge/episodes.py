@@ -10,8 +10,8 @@ index within its group. It moves forward through
 
 and never backwards: a retried generation keeps its episode in flight, it does not open a new
 one. The ledger is saved with each checkpoint and restored on resume; episodes not yet final at
-that moment are forgotten and their prompts generated again (`rewind`), so a restart neither
-loses nor duplicates an episode.
+that moment are left out of it (`to_json(final_only=True)`) and their prompts generated again,
+so a restart neither loses nor duplicates an episode.
 """
 
 from __future__ import annotations
@@ -76,14 +76,6 @@ class Ledger:
             if versions is not None:
                 self._version[episode] = int(versions[i])
 
-    def rewind(self) -> list[int]:
-        """Forget every episode that is not final; return their prompt positions (to generate again)."""
-        open_ = [e for e, s in self._state.items() if s not in FINAL]
-        for episode in open_:
-            del self._state[episode]
-            self._version.pop(episode, None)
-        return sorted({position for position, _ in open_})
-
     # -- reading ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -111,7 +103,8 @@ class Ledger:
         and a policy version, as [first position, last position, n, state, version or -1]. A run is
         typically one step's batch, so the size grows with steps, not with episodes.
 
-        `final_only` leaves out what `rewind` would forget: the form a checkpoint saves."""
+        `final_only` leaves out episodes not yet final, which a resume generates again: the form a
+        checkpoint saves."""
         kept = sorted((e, state) for e, state in self._state.items() if not final_only or state in FINAL)
         by_position: dict[int, list[tuple[int, State, int]]] = {}
         for (p, s), state in kept:
