@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
              --bucket-mb "${B1_BUCKETS:-32,64,256,1024}" --rounds 4 --out "$OUT/b1.json" ${B1_TRACE:+--trace "$B1_TRACE"}) ;;
     b6) cmd=(bash -c "for n in ${B6_GPUS:-1 2}; do python3 -m torch.distributed.run --nproc-per-node \$n bench/trainer_bench.py \
              --model qwen3-1.7b --seq 2048 --rows-per-rank 16 --micro 4 --order ${B6_ORDER:-kubeforge-first} --steps ${B6_STEPS:-4} \
-             --out $OUT/b6-\$n.json ${B6_TRACE:+--trace $B6_TRACE} || exit; done") ;;
+             --out $OUT/b6-\$n.json ${B6_TRACE:+--trace $B6_TRACE} --activation-checkpointing ${B6_AC:-none} || exit; done") ;;
     b9) cmd=(python3 bench/weight_sync_bench.py --models qwen3-8b --cases "$B9_CASES" --bucket-mb 256,1024 --rounds 4
              --out "$OUT/b9.json") ;;
     gaps) cmd=(python3 -m torch.distributed.run --nproc-per-node 1 bench/profile_gaps.py --model qwen3-1.7b) ;;

@@ -139,7 +139,8 @@ def torchtitan_side(config: dict[str, Any], batch: TrainBatch, device: torch.dev
     world = dist.get_world_size()
     model_args = policy.model_args_from_hf(config)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
-    model = policy.build_model(model_args, mesh, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = policy.build_model(model_args, mesh, device, param_dtype, args.activation_checkpointing)
     optimizers = OptimizersContainer(
         [model],
         torch.optim.AdamW,
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="runs/bench/trainer")
     parser.add_argument("--out", default="runs/bench/trainer.json")
     parser.add_argument("--trace", default="", help="directory: profile one more step of each side there")
+    parser.add_argument(
+        "--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+        help="both sides: torchtitan's apply_ac in this mode, as the trainer's spec.algorithm.activationCheckpointing",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -240,7 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         {
             "model": {"path": str(workdir / args.model)},
             "roles": {"trainer": {"gpusPerNode": world if cuda else 0, "procsPerNode": world}},
-            "algorithm": {"microBatchSize": args.micro, "lr": LR, "maxGradNorm": MAX_NORM},
+            "algorithm": {
+                "microBatchSize": args.micro,
+                "lr": LR,
+                "maxGradNorm": MAX_NORM,
+                "activationCheckpointing": args.activation_checkpointing,
+            },  # fmt: skip
         }
     )
     ctx = RoleContext(
@@ -267,8 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     sides["torchtitan"] = lambda: torchtitan_side(config, batch, device, args)
     order = list(sides) if args.order == "kubeforge-first" else list(reversed(sides))
     results: dict[str, list[float]] = {}
+    peak_gib: dict[str, float] = {}
     for name in order:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         results[name] = sides[name]()
+        peak_gib[name] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         release(device)
     peak = matmul_tflops(device) if cuda else float("nan")
     if rank == 0:
@@ -279,21 +293,24 @@ def main(argv: list[str] | None = None) -> None:
                 "steps_s": results[name],
                 "tokens_per_s": tokens / statistics.median(results[name]),
                 "tflops_per_gpu": flops_per_token * tokens / statistics.median(results[name]) / world / 1e12,
+                "peak_gib": peak_gib[name],  # rank 0's allocated peak: weights, optimizer state, activations
             }
             for name in results
         }
         summary = {
             "model": args.model, "gpus": world, "seq": args.seq, "rows": batch.rows, "micro": args.micro,
-            "tokens_per_step": tokens, "order": args.order, "matmul_tflops": peak, "ratio": tt / kf, **rows,
+            "tokens_per_step": tokens, "order": args.order, "activation_checkpointing": args.activation_checkpointing,
+            "matmul_tflops": peak, "ratio": tt / kf, **rows,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
         }  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1))
-        print("side        GPUs  tokens/step  step s  tokens/s   TFLOP/s/GPU  of matmul probe")
+        print(f"activation checkpointing: {args.activation_checkpointing}")
+        print("side        GPUs  tokens/step  step s  tokens/s   TFLOP/s/GPU  of matmul probe  peak GiB")
         for name, row in rows.items():
             print(
                 f"{name:<11} {world:>4} {tokens:>12} {row['step_s']:>7.3f} {row['tokens_per_s']:>9.0f} "
-                f"{row['tflops_per_gpu']:>12.1f} {row['tflops_per_gpu'] / peak:>10.2f}"
+                f"{row['tflops_per_gpu']:>12.1f} {row['tflops_per_gpu'] / peak:>16.2f} {row['peak_gib']:>9.1f}"
             )
         print(f"kubeforge / torchtitan tokens/s: {tt / kf:.3f} (goal >= 0.95); matmul probe {peak:.0f} TFLOP/s")
     dist.destroy_process_group()
