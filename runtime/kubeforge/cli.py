@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-base",
         type=int,
         metavar="PORT",
-        help="use consecutive ports from PORT instead of free ones chosen by the system",
+        help="use consecutive ports from PORT (default: free ones between 20000 and the system's ephemeral range)",
     )
     run.add_argument("--no-color", action="store_true", help="plain log prefixes")
     run.set_defaults(handler=_run)
