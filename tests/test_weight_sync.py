@@ -59,6 +59,17 @@ def test_plan_is_deterministic_aligned_and_covers_every_parameter_once():
     assert [len(b.entries) for b in plan] == [1, 3, 1]  # 4 KiB embedding alone, then 512 + 28 + 24 B, then lm_head
 
 
+def test_the_plan_memo_cuts_again_only_when_the_parameters_or_the_bucket_size_change():
+    params = [ParamSpec.of(n, t).to_json() for n, t in named_tensors()]
+    memo = weight_sync.PlanMemo()
+    plan, digest = memo(params, 3000)
+    assert (plan, digest) == (plan_buckets(params, 3000), plan_digest(plan))
+    assert memo([list(p) for p in params], 3000)[0] is plan  # an equal list, as the next update's body brings
+    assert memo(params, 1 << 20)[1] == plan_digest(plan_buckets(params, 1 << 20))
+    fewer = params[:-1]
+    assert memo(fewer, 1 << 20)[1] == plan_digest(plan_buckets(fewer, 1 << 20))
+
+
 def test_plan_changes_with_the_bucket_size_and_refuses_nonsense():
     params = [ParamSpec.of(n, t) for n, t in named_tensors()]
     assert len(plan_buckets(params, 1 << 20)) == 1

@@ -140,6 +140,23 @@ def plan_digest(plan: Sequence[Bucket]) -> str:
     return hashlib.sha256(json.dumps(flat).encode()).hexdigest()[:16]
 
 
+class PlanMemo:
+    """The bucket plan and digest of the last parameter list it was given, cut again only when that
+    list or the bucket size changes. Every update of a job sends the same parameters, and cutting
+    and fingerprinting a plan costs host time per parameter on an update's critical path (a
+    receiver cuts its plan before it announces ready)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[list, int] | None = None
+        self._plan: tuple[list[Bucket], str] = ([], "")
+
+    def __call__(self, params: Sequence[ParamSpec | Sequence], bucket_bytes: int) -> tuple[list[Bucket], str]:
+        if self._key != (params, bucket_bytes):
+            plan = plan_buckets(params, bucket_bytes)
+            self._key, self._plan = (list(params), bucket_bytes), (plan, plan_digest(plan))
+        return self._plan
+
+
 def max_bucket_bytes(plan: Sequence[Bucket]) -> int:
     return max((b.nbytes for b in plan), default=0)
 
@@ -308,6 +325,7 @@ class WeightReceiver:
 
     def __init__(self, group: SyncGroup):
         self.group = group
+        self._plan = PlanMemo()
 
     def announce_ready(self, update_id: str, digest: str) -> None:
         """Tell the sender this rank is paused and will receive the plan with `digest`."""
@@ -327,9 +345,9 @@ class WeightReceiver:
         meanwhile (NCCL starts it once the work queued before it on the current stream is done:
         bucket k-1's load at most).
         """
-        plan = plan_buckets(params, bucket_bytes)
+        plan, digest = self._plan(params, bucket_bytes)
         if update_id is not None:
-            self.announce_ready(update_id, plan_digest(plan))
+            self.announce_ready(update_id, digest)
 
         def post(bucket: Bucket) -> tuple[dist.Work | None, torch.Tensor]:
             buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
@@ -405,6 +423,7 @@ class WeightSender:
         self._formation = 0
         self._updates = 0
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device)] * 2  # see broadcast
+        self._plan = PlanMemo()
         # The plan last packed and each bucket's typed views into its buffer (see _views).
         self._views_of: tuple[tuple[Bucket, ...], list[list[tuple[ParamSpec, torch.Tensor]]]] = ((), [])
 
@@ -486,14 +505,12 @@ class WeightSender:
         if params is None:
             named_tensors = list(named_tensors)
             params = [ParamSpec.of(n, t) for n, t in named_tensors]
-        params = [ParamSpec.parse(p) for p in params]
-        plan = plan_buckets(params, self.bucket_bytes)
-        digest = plan_digest(plan)
+        plan, digest = self._plan(params, self.bucket_bytes)
         self._updates += 1
         update_id = f"{self.group.prefix.rsplit('/', 1)[-1]}-{self._updates}"
         body = {
             "version": int(version),
-            "params": [p.to_json() for p in params],
+            "params": [entry.param.to_json() for bucket in plan for entry in bucket.entries],
             "bucket_bytes": self.bucket_bytes,
             "update_id": update_id,
         }

@@ -94,6 +94,8 @@ class Trainer:
         mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fp32 master weights either way
         self.model = policy.build_model(args, mesh, device, param_dtype, self.settings.activation_checkpointing)
+        # Fixed by the model's structure; a publish would otherwise map every name again (ms at 1.7B).
+        self._weight_names = policy.hf_weight_names(self.model, self.adapter, self.publish_dtype)
         s = self.settings
         # Fused AdamW (torchtitan's default on GPU): one kernel over all parameters, 40 -> 20 ms a
         # step at 1.7B (docs/benchmarks.md, B6), and it can skip a non-finite step on the device
@@ -383,7 +385,7 @@ class Trainer:
 
     def weight_names(self) -> list[dict[str, Any]]:
         """What `iter_hf_weights` yields: HF name, dtype, shape. Local, no communication."""
-        return policy.hf_weight_names(self.model, self.adapter, self.publish_dtype)
+        return self._weight_names
 
     def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor), one parameter at a time; cast to `publish_dtype`, the published weight.
