@@ -444,7 +444,7 @@ def test_a_late_replica_serves_only_once_it_has_the_trainers_weights():
     )
     server = RoleServer(ctx)
     generator = Generator(server, engine=None, engine_args=None)
-    generator.wait_for_weights(4)  # what become_ready does when the trainer's store says 4
+    generator.wait_for_weights(4)  # what hold_for_current_weights does when the trainer's store says 4
     assert not server.ready
     with pytest.raises(HTTPException) as refused:
         generator._check_usable()

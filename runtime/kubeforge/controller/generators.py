@@ -3,8 +3,10 @@
 A replica that stops answering (killed, restarting) is left out: its share of a request goes to
 the replicas that remain, or waits for one to come back when none does. A replica that comes
 back starts from the weights on disk and serves nothing until the trainer has sent it the
-current ones (kubeforge.generator.role.become_ready); `publish` re-forms the weight-sync group
-whenever the set of live replicas changed, so the returning replica gets them first.
+current ones (kubeforge.generator.role.hold_for_current_weights); `publish` re-forms the
+weight-sync group whenever the set of live replicas changed or one of them holds an older
+policy version than the last publish sent (a replica that came back at the same address), so
+the returning replica gets them first.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class GeneratorPool:
         self.trainer = trainer
         self.wait_seconds = wait_seconds
         self.synced: list[str] = []  # the replicas the last publish reached, in the group's order
+        self.synced_version: int | None = None  # the policy version it sent them
         self.failovers = 0  # shares re-sent to another replica after a failure
         self._sync_lock = asyncio.Lock()
 
@@ -54,7 +57,7 @@ class GeneratorPool:
                 live = await self.live(wait=True)
                 try:
                     result = await self.trainer.publish(live, reconnect=live != self.synced)
-                    self.synced = live
+                    self.synced, self.synced_version = live, result["policy_version"]
                     return result
                 except (TrainerError, httpx.TransportError) as e:
                     self.synced = []
@@ -65,10 +68,14 @@ class GeneratorPool:
 
     async def live(self, *, wait: bool = False) -> list[str]:
         """Replicas whose weight routes answer (in URL order); with `wait`, at least one."""
+        return list(await self._live_infos(wait=wait))
+
+    async def _live_infos(self, *, wait: bool) -> dict[str, dict[str, Any]]:
+        """`live`'s replicas, each with its /weights/info answer."""
         deadline = time.monotonic() + self.wait_seconds
         while True:
             answers = await asyncio.gather(*(self._info(c) for c in self.clients.values()))
-            live = [url for url, info in zip(self.clients, answers, strict=True) if info is not None]
+            live = {url: info for url, info in zip(self.clients, answers, strict=True) if info is not None}
             if live or not wait:
                 return live
             if time.monotonic() > deadline:
@@ -121,11 +128,15 @@ class GeneratorPool:
 
     async def _current(self) -> list[str]:
         """The live replicas, after sending the weights to any that (re)joined since the last publish."""
-        live = await self.live(wait=True)
-        if live != self.synced:
+        live = await self._live_infos(wait=True)
+        # Behind, not merely different: a replica may already hold the version a publish in
+        # flight is sending, before that publish returns.
+        sent = self.synced_version or 0
+        behind = any(info.get("policy_version", 0) < sent for info in live.values())
+        if list(live) != self.synced or behind:
             await self.publish()
-            live = self.synced
-        return live
+            return self.synced
+        return list(live)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients.values()))

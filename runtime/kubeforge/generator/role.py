@@ -30,27 +30,31 @@ async def run(server: serving.RoleServer) -> None:
     try:
         await engine.update_weight_version("0")  # vLLM labels sampled tokens with it
         generator = Generator(server, engine, args)
+        # Decided before any route exists: in between, a restarted replica would answer /generate
+        # from the weights on disk, and its samples would be too old to train on.
+        behind = await hold_for_current_weights(generator)
         add_routes(server.app, generator)
         await add_openai_routes(server.app, generator)
-        await become_ready(generator)
+        if not behind:
+            server.set_ready()
         await watch(engine)
     finally:
         engine.shutdown()
 
 
-async def become_ready(generator: Generator) -> None:
-    """Ready now, unless the trainer already sent newer weights than the ones on disk.
+async def hold_for_current_weights(generator: Generator) -> bool:
+    """Whether the trainer already sent newer weights than the ones on disk; if so, hold the replica.
 
     A replica that starts late or restarts mid-job must not serve an old policy: it then stays
-    not ready (its routes work) until the trainer has re-formed the group and sent them.
+    not ready, and refuses generation, until the trainer has re-formed the group and sent them
+    (its weight routes work).
     """
     addr = generator.server.ctx.weight_sync_addr
     latest = await asyncio.to_thread(weight_sync.latest_version, addr) if addr else None
     if latest:
         log.info("the trainer is at policy version %d: waiting for its weights before serving", latest)
         generator.wait_for_weights(latest)
-    else:
-        generator.server.set_ready()
+    return bool(latest)
 
 
 async def watch(engine) -> None:
