@@ -2,7 +2,7 @@
 # One command on a GPU machine for the GPU benchmarks, each with its baseline in the same run:
 #   bench/gpu.sh [b1] [b6] [b9]      (default: all three; tables printed last)
 #   b1: weight sync, Qwen3-0.6B and 1.7B sizes ($B1_MODELS), trainer GPUs x receiver GPUs in $B1_CASES (4 GPUs),
-#       buckets of $B1_BUCKETS MiB; with $B1_TRACE (a directory), a torch profiler trace of the first case
+#       buckets of $B1_BUCKETS MiB, $B1_ROUNDS timed rounds; with $B1_TRACE (a directory), a torch profiler trace of the first case
 #   b6: trainer step (GRPO) vs torchtitan's step, Qwen3-1.7B size, 1 then 2 GPUs
 #   gaps: bench/profile_gaps.py, the trainer's functions against candidate fixes (not run by default)
 #   b9: weight sync, Qwen3-8B size, FSDP2 over 2 trainer GPUs -> 2 receivers ($B9_CASES; 4 GPUs)
@@ -34,7 +34,7 @@ status=0
 for step in "${steps[@]}"; do
   case $step in
     b1) cmd=(python3 bench/weight_sync_bench.py --models "${B1_MODELS:-qwen3-0.6b,qwen3-1.7b}" --cases "$B1_CASES"
-             --bucket-mb "${B1_BUCKETS:-32,64,256,1024}" --rounds 4 --out "$OUT/b1.json" ${B1_TRACE:+--trace "$B1_TRACE"}) ;;
+             --bucket-mb "${B1_BUCKETS:-32,64,256,1024}" --rounds "${B1_ROUNDS:-4}" --out "$OUT/b1.json" ${B1_TRACE:+--trace "$B1_TRACE"}) ;;
     b6) cmd=(bash -c "for n in ${B6_GPUS:-1 2}; do python3 -m torch.distributed.run --nproc-per-node \$n bench/trainer_bench.py \
              --model qwen3-1.7b --seq 2048 --rows-per-rank 16 --micro 4 --order ${B6_ORDER:-kubeforge-first} --steps ${B6_STEPS:-4} \
              --out $OUT/b6-\$n.json ${B6_TRACE:+--trace $B6_TRACE} --activation-checkpointing ${B6_AC:-none} || exit; done") ;;

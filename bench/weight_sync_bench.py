@@ -10,7 +10,7 @@ HTTP: the bench has no generator URLs, so `send` posts nothing and the receivers
 own (the handshake through the store still runs).
 
 Receiver side, what the generator's vLLM worker runs (`generator/transfer.py`):
-`WeightReceiver.receive` (flat bucket, a clone of every tensor) feeding `VllmQwen3.load_weights`,
+`WeightReceiver.receive` (a buffer per bucket, views of it, no copies) feeding `VllmQwen3.load_weights`,
 a small stand-in for vLLM's Qwen3ForCausalLM under its layer-wise reload (vLLM cannot run on
 the GPU machines; docs/benchmarks.md says what differs).
 
@@ -321,9 +321,11 @@ class Bench:
         self.formations += 1
         group_name = f"bench{self.formations}"
         if role == "idle" or (role == "trainer" and self.rank != 0):
-            if role == "trainer":  # the engine's other ranks: the same gathers (checksum, every round), nothing sent
-                for _ in range(1 + len(buckets) * rounds):
-                    self._checksum(trainer_model)
+            if role == "trainer":  # the engine's other ranks: rank 0's checksum, then each round's gathers as
+                self._checksum(trainer_model)  # Trainer.publish_weights runs them (iterate, drop), nothing sent
+                for _ in range(len(buckets) * rounds):
+                    for _ in policy.iter_hf_weights(*trainer_model):
+                        pass
             self.sends += len(buckets) * rounds
             return
         world = 1 + receivers
