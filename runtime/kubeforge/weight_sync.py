@@ -425,7 +425,7 @@ class WeightSender:
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device)] * 2  # see broadcast
         self._plan = PlanMemo()
         # The plan last packed and each bucket's typed views into its buffer (see _views).
-        self._views_of: tuple[tuple[Bucket, ...], list[list[tuple[ParamSpec, torch.Tensor]]]] = ((), [])
+        self._views_of: tuple[Sequence[Bucket] | None, list[list[tuple[ParamSpec, torch.Tensor]]]] = (None, [])
 
     # -- group membership -------------------------------------------------------------------
 
@@ -607,16 +607,17 @@ class WeightSender:
         # Two buffers for every bucket and every update: no allocation on the hot path.
         if self._buffers[0].numel() < nbytes:
             self._buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            self._views_of = ((), [])
+            self._views_of = (None, [])
 
     def _views(self, plan: Sequence[Bucket]) -> list[list[tuple[ParamSpec, torch.Tensor]]]:
         """Each bucket's typed views into the buffer it is packed in, made once per plan: the
-        buffers and the plan outlive an update, and making the views costs host time per parameter."""
-        key = tuple(plan)
-        if self._views_of[0] != key:
+        buffers and the plan outlive an update, and making the views costs host time per parameter.
+        Keyed on the plan object itself: `PlanMemo` hands back the same one while the parameters
+        stay the same, so checking costs nothing per parameter."""
+        if self._views_of[0] is not plan:
             buffers = self._buffers
             made = [list(views(buffers[k % len(buffers)][: b.nbytes], b)) for k, b in enumerate(plan)]
-            self._views_of = (key, made)
+            self._views_of = (plan, made)
         return self._views_of[1]
 
     def _next_group_name(self) -> str:
