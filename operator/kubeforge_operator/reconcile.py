@@ -2,7 +2,14 @@
 
 `Reconciler.reconcile` is idempotent: run it twice on an unchanged world and the second run
 changes nothing. It never creates children for a job in a terminal phase. Restarts follow
-spec.failurePolicy; each handled pod failure is counted once, in status.
+spec.failurePolicy; each handled pod failure is counted once, in status. A pod that does not start
+(kubeforge_operator.stuck) is named in status and in one Event; a start that takes longer than
+spec.startupDeadlineSeconds (kubeforge_operator.startup) fails the job.
+
+Events follow the status write: a pass posts its Events only once its status patch is stored.
+The status is what later passes compare with to decide whether an Event is due, so an Event whose
+status was lost would be posted again, and one posted before a failed write would speak of a
+state nobody can read.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from kubeforge.validation import SpecError, parse_spec
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge_operator import capacity, metrics
+from kubeforge_operator import capacity, metrics, startup, stuck
 from kubeforge_operator import resources as r
 
 log = logging.getLogger("kubeforge_operator")
@@ -33,12 +40,34 @@ TERMINAL = ("Succeeded", "Failed")
 EventSink = Callable[[str, str, str], None]
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_time(datetime.now(UTC))
+
+
+def _format_time(time: datetime) -> str:
+    return time.strftime(TIME_FORMAT)
 
 
 def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+class CreateRefused(Exception):
+    """The API server refused to create a child for good (admission, quota, an invalid object)."""
+
+    def __init__(self, diagnosis: stuck.Diagnosis):
+        super().__init__(diagnosis.describe())
+        self.diagnosis = diagnosis
+
+
+def _raise_if_refused(kind: str, name: str, error: ApiException) -> None:
+    """Raise CreateRefused when a create failed for good; a transient error is left to the caller."""
+    diagnosis = stuck.refused(kind, name, error)
+    if diagnosis:
+        raise CreateRefused(diagnosis) from error
 
 
 @dataclass
@@ -50,6 +79,8 @@ class PodView:
     phase: str
     ready: bool
     terminating: bool
+    gated: bool = False  # waits at a scheduling gate: queued (Kueue), holding no node
+    diagnosis: stuck.Diagnosis | None = None  # why it does not start, when it is stuck
     exit_code: int | None = None
     reason: str | None = None
     message: str = ""
@@ -69,6 +100,8 @@ class PodView:
             phase=status.get("phase") or "Pending",
             ready=conditions.get("Ready") == "True",
             terminating=meta.get("deletionTimestamp") is not None,
+            gated=bool((pod.get("spec") or {}).get("schedulingGates")),
+            diagnosis=stuck.diagnose_pod(pod),
         )
         for cs in status.get("containerStatuses") or []:
             terminated = (cs.get("state") or {}).get("terminated")
@@ -167,18 +200,22 @@ class Reconciler:
         job = r.JobRef(meta["name"], meta["namespace"], meta["uid"])
         status = Status(dict(body.get("status") or {}))
         errors = metrics.RECONCILE_ERRORS.labels(job=job.name, namespace=job.namespace)  # zero until one happens
+        events: list[tuple[str, str, str]] = []
         with metrics.RECONCILE_SECONDS.time():
             try:
-                self._reconcile(job, body, status, event)
+                self._reconcile(job, body, status, lambda *e: events.append(e))
             except Exception:
                 errors.inc()
                 raise
             finally:
                 written = None
                 if status.patch:
-                    written = self._patch_status(job, status.patch)
+                    written = self._patch_status(job, status.patch)  # raises: no Event is posted
                     if "phase" in status.patch:
                         metrics.observe_phase(job.namespace, job.name, status.patch["phase"])
+                if written is not None or not status.patch:
+                    for e in events:
+                        event(*e)
         return written
 
     def _reconcile(self, job: r.JobRef, body: dict[str, Any], status: Status, event: EventSink) -> None:
@@ -203,6 +240,11 @@ class Reconciler:
         if spec.suspend:
             self._delete_pods(job, [p for p in pods if not p.terminating])
             self._count(spec, [], status)
+            # As for a Kubernetes Job, activeDeadlineSeconds stops while suspended and counts again
+            # from the resume; the startup deadline starts again too.
+            status.set("startTime", None)
+            status.set("startingSince", None)
+            self._report_stuck(status, None, event)
             self._transition(status, "Suspended", "spec.suspend is true; pods deleted", event)
             return
 
@@ -235,31 +277,99 @@ class Reconciler:
             shortfall = capacity.shortfall(self.core, spec)
             if shortfall:
                 status.condition("Scheduled", False, "InsufficientGPUs", shortfall)
+                status.set("startingSince", None)  # no pod holds a GPU while the gate waits
                 self._transition(status, "Pending", f"waiting for GPUs: {shortfall}", event)
                 return
+
+        ready = self._count(spec, pods, status)
+        live_pods = [p for p in pods if not p.terminating]
+        since = status.get("startingSince")
+        clock = startup.tick(
+            _parse_time(since) if since else None,
+            spec.startup_deadline_seconds,
+            all_ready=ready == len(desired),
+            queued=any(p.gated for p in live_pods),
+            now=datetime.now(UTC),
+        )
+        if clock.expired:
+            assert spec.startup_deadline_seconds is not None  # tick never expires without a deadline
+            not_ready = self._not_ready(job, desired, live_pods, stuck.Diagnosis.from_status(status.get("stuck")))
+            self._delete_pods(job, [p for p in live_pods if p.phase not in ("Succeeded", "Failed")])
+            self._finish(
+                status, "Failed", startup.explain(spec.startup_deadline_seconds, ready, len(desired), not_ready), event
+            )
+            return
+        status.set("startingSince", _format_time(clock.since) if clock.since else None)
+
+        refusal: stuck.Diagnosis | None = None
         if missing:
             # Only on the way to creating pods: most passes (pod status changes) need none of this.
-            self._ensure_shared_objects(job, spec)
-            missing_scheduler = self._ensure_pod_group(job, spec)
+            try:
+                self._ensure_shared_objects(job, spec)
+                missing_scheduler = self._ensure_pod_group(job, spec)
+            except CreateRefused as e:
+                refusal, missing_scheduler = e.diagnosis, ""
             if missing_scheduler:
                 status.condition("Scheduled", False, "GangSchedulerMissing", missing_scheduler)
+                status.set("startingSince", None)
                 self._transition(status, "Pending", missing_scheduler, event, warning=True)
                 return
         status.condition("Scheduled", True, "Capacity", "")
-        incarnations = status.get("restartsByInstance", {})
-        for inst in missing:
-            self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0), self.progress_url_base))
-            metrics.pod_created(job.namespace, job.name, inst.role)
+        if missing and refusal is None:
+            refusal = self._create_pods(job, spec, missing, status.get("restartsByInstance", {}))
 
         if not status.get("startTime"):
             status.set("startTime", now())
+        if status.get("restarts") is None:
             status.set("restarts", 0)
-        ready = self._count(spec, pods, status)
         if ready == len(desired):
+            self._report_stuck(status, None, event)
             self._transition(status, "Running", "every role is ready", event)
-        else:
-            waiting = "Restarting" if status.get("phase") == "Restarting" else "Starting"
-            self._transition(status, waiting, f"{ready} of {len(desired)} pods ready", event)
+            return
+        # A refused create first: it is why a pod is missing. Then the first stuck pod in start order.
+        by_instance = {p.instance: p for p in live_pods}
+        diagnosis = refusal or next(
+            (p.diagnosis for i in desired if (p := by_instance.get(i)) and p.diagnosis and not p.ready), None
+        )
+        self._report_stuck(status, diagnosis, event)
+        message = f"{ready} of {len(desired)} pods ready"
+        if diagnosis:
+            message += f"; {diagnosis.describe()}"
+        elif clock.since is None:
+            message += "; queued: pods wait at a scheduling gate"
+        waiting = "Restarting" if status.get("phase") == "Restarting" else "Starting"
+        self._transition(status, waiting, message, event)
+
+    def _create_pods(
+        self, job: r.JobRef, spec: RLJobSpec, missing: list[Instance], incarnations: dict[str, int]
+    ) -> stuck.Diagnosis | None:
+        """Create the missing pods; the first refusal if the API server refused any (it is asked for all)."""
+        refusal = None
+        for inst in missing:
+            try:
+                self._create(r.pod(job, spec, inst, incarnations.get(inst.name, 0), self.progress_url_base))
+            except CreateRefused as e:
+                refusal = refusal or e.diagnosis
+                continue
+            metrics.pod_created(job.namespace, job.name, inst.role)
+        return refusal
+
+    def _not_ready(
+        self, job: r.JobRef, desired: list[Instance], live_pods: list[PodView], last: stuck.Diagnosis | None
+    ) -> list[tuple[str, str]]:
+        """(pod, why) for every desired pod that is not Ready, in start order."""
+        by_instance = {p.instance: p for p in live_pods}
+        not_ready = []
+        for inst in desired:
+            name, p = job.pod_name(inst), by_instance.get(inst)
+            if p is None:
+                # Missing: the refusal recorded by the last pass says why, when there was one.
+                why = "not created" + (f": {last.describe()}" if last and last.reason.startswith("Create") else "")
+                not_ready.append((name, last.why() if last and last.pod == name else why))
+            elif not p.ready:
+                why = p.diagnosis.why() if p.diagnosis else ("running, not ready" if p.phase == "Running" else p.phase)
+                not_ready.append((name, why))
+        return not_ready
 
     # -- failures ------------------------------------------------------------------------------
 
@@ -307,6 +417,7 @@ class Reconciler:
         status.set("restarts", used + 1)
         status.set("restartsByRole", by_role)
         status.set("restartsByInstance", by_instance)
+        status.set("startingSince", None)  # a restart is a new start: the next pass starts its clock
         metrics.RESTARTS.labels(job=job.name, namespace=job.namespace, role=failed[0].instance.role).inc()
         what = (
             "trainer group and controller from the last checkpoint"
@@ -349,6 +460,19 @@ class Reconciler:
         status.set("message", message)
         if changed or force_event:
             event("Warning" if warning else "Normal", phase, message)
+
+    def _report_stuck(self, status: Status, diagnosis: stuck.Diagnosis | None, event: EventSink) -> None:
+        """status.stuck and the Stuck condition; an Event only when the stuck pod or its reason changes."""
+        if diagnosis is None:
+            status.set("stuck", None)
+            if status.get("conditions") and any(c["type"] == "Stuck" for c in status.get("conditions")):
+                status.condition("Stuck", False, "NoneStuck", "")
+            return
+        due = stuck.event_due(status.get("stuck"), diagnosis)
+        status.set("stuck", diagnosis.as_status())
+        status.condition("Stuck", True, diagnosis.reason, diagnosis.describe())
+        if due:
+            event("Warning", diagnosis.reason, diagnosis.describe())
 
     def _finish(self, status: Status, phase: str, message: str, event: EventSink) -> None:
         status.set("completionTime", now())
@@ -399,8 +523,14 @@ class Reconciler:
             "Secret": self.core.create_namespaced_secret,
             "NetworkPolicy": self.net.create_namespaced_network_policy,
         }[kind]
-        # 409: it exists already (an earlier pass, or an operator that died mid-reconcile).
-        self._ignore(409, lambda: create(ns, obj, _preload_content=False))
+        try:
+            response = create(ns, obj, _preload_content=False)
+        except ApiException as e:
+            if e.status == 409:  # it exists already (an earlier pass, or an operator that died mid-reconcile)
+                return
+            _raise_if_refused(kind, obj["metadata"]["name"], e)
+            raise
+        _release(response)
 
     def _ensure_pod_group(self, job: r.JobRef, spec: RLJobSpec) -> str:
         """Create the gang scheduler's PodGroup; an explanation if its CRD is missing, else ''."""
@@ -420,6 +550,7 @@ class Reconciler:
                     f"resource; install that scheduler or choose another gang mechanism"
                 )
             if e.status != 409:
+                _raise_if_refused(group["kind"], group["metadata"]["name"], e)
                 raise
         return ""
 

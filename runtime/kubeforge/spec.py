@@ -366,7 +366,15 @@ class RLJobSpec(Model):
     volumes: list[VolumeSpec] = Field(default_factory=list, description="PVCs mounted in every pod.")
     env: EnvVars = Field(default_factory=dict, description="Environment variables for every role.")
     suspend: bool = Field(False, description="True deletes the pods and keeps the job; false resumes it.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this long.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job after this long, counted from its start or its latest resume."
+    )
+    startup_deadline_seconds: int | None = Field(
+        1200,
+        ge=1,
+        description="Fail the job, deleting its pods, when they are not all Ready this long after a start, "
+        "a restart or a resume; null: wait forever. It also bounds how long the controller waits for its peers.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job this long after it succeeds or fails."
     )
@@ -428,6 +436,15 @@ class Progress(Model):
     updated_at: str | None = None
 
 
+class StuckPod(Model):
+    """A pod that does not start on its own, or a create the API server refused (kubeforge_operator.stuck)."""
+
+    pod: str = Field(..., description="The pod, or the kind and name of another object whose create was refused.")
+    reason: str = Field(..., description="A container waiting reason, Unschedulable, or Create<API reason>.")
+    message: str = Field(..., description="The kubelet's, the scheduler's or the API server's own words.")
+    image: str | None = Field(None, description="The image of the stuck container, when a container is stuck.")
+
+
 class RLJobStatus(Model):
     phase: Phase = "Pending"
     message: str = ""
@@ -440,6 +457,10 @@ class RLJobStatus(Model):
     )
     progress: Progress = Field(default_factory=Progress)
     start_time: str | None = None
+    starting_since: str | None = Field(
+        None, description="When the current start, restart or resume began; the startup deadline counts from it."
+    )
+    stuck: StuckPod | None = Field(None, description="The first pod that does not start, and why.")
     completion_time: str | None = None
     observed_generation: int | None = None
 

@@ -188,10 +188,16 @@ class Job:
         if self._pusher is not None:
             await self._pusher
 
-    async def wait_for_peers(self, timeout: float = 600.0) -> None:
-        """Wait until every replica of every role answers /readyz (pods of a job start in any order)."""
+    async def wait_for_peers(self, timeout: float | None = None) -> None:
+        """Wait until every replica of every role answers /readyz (pods of a job start in any order).
+
+        `timeout` defaults to spec.startupDeadlineSeconds (None there: no limit), the same bound the
+        operator puts on a start, so that a slow image pull on another pod does not fail the controller
+        before the job's own deadline."""
+        if timeout is None:
+            timeout = self.spec.startup_deadline_seconds
         pending = {url for role, urls in self.ctx.peers.items() if role != "controller" for url in urls}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout if timeout is not None else float("inf")
         async with httpx.AsyncClient(timeout=5.0) as client:
             while pending:
                 for url in sorted(pending):
