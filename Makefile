@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Rebuilt when pyproject.toml changes.
 ENV_STAMP := $(VENV)/.kubeforge-installed
 
-.PHONY: env testbed run test test-fast lint crd clean
+.PHONY: env testbed images image-cuda run test test-fast lint crd clean
 
 env: $(ENV_STAMP)
 
@@ -24,10 +24,24 @@ $(ENV_STAMP): pyproject.toml
 	$(PY) -c 'import torch, vllm, torchtitan; print("torch", torch.__version__, "| vllm", vllm.__version__, "| torchtitan ok")'
 	@touch $@
 
-# The operator tests' control plane (etcd, kube-apiserver, KCM, scheduler, KWOK) and helm, built from
-# Go modules into ~/.cache/kubeforge-testbed; about 16 minutes cold on 2 cores, instant when cached.
+# The operator tests' cluster, built from Go modules into ~/.cache/kubeforge-testbed: the control
+# plane (etcd, kube-apiserver, KCM, scheduler, KWOK), a real node's services (kubelet, kube-proxy,
+# CoreDNS, kube-router, local-path-provisioner, pause) and helm; about 20 minutes cold on 2 cores,
+# instant when cached. The node's container runtime and network tools come from Debian's packages.
 testbed:
+	@testbed/node-packages.sh
 	@testbed/build.sh > /dev/null
+
+# The operator and CPU runtime images from images/, on a Debian base made with debootstrap, pip
+# packages from a wheelhouse made here; each saved as a docker-archive tarball in
+# ~/.cache/kubeforge-images/tars. The last stdout lines are `REF TARBALL` per image.
+# docs/images.md: about 15 minutes cold on 2 cores, seconds when cached.
+images:
+	@images/build.sh
+
+# The CUDA runtime image (many GB; imports checked here, runs only on GPUs), not in `images`.
+image-cuda:
+	@images/build.sh runtime-cuda
 
 # The example jobs' model: a tiny random Qwen3 and tokenizer, made here (nothing is downloaded).
 TINY_MODEL := runs/models/tiny-qwen3

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok) and helm (for the chart's tests) from Go modules into a
+# kube-scheduler, kwok), the real node's services (kubelet, kube-proxy, CoreDNS,
+# kube-router, local-path-provisioner, and the sandbox "pause" binary from its C source
+# in the kubernetes module) and helm (for the chart's tests) from Go modules into a
 # content-addressed cache dir:
 #
 #   ${KUBEFORGE_TESTBED_CACHE:-$HOME/.cache/kubeforge-testbed}/<hash>/bin
 #
 # <hash> = first 16 hex chars of sha256 over versions.env, the wrapper
-# go.mod/go.sum files, the Go version and RECIPE below. When <hash>/COMPLETE exists (written
+# go.mod/go.sum files, coredns/main.go, the Go version and RECIPE below. When <hash>/COMPLETE exists (written
 # last) and every binary is there, nothing is built. Binaries already built by
 # an interrupted run are kept and only the missing ones are built.
 #
@@ -29,7 +31,9 @@ export CGO_ENABLED=0
 export GOTOOLCHAIN="${KUBEFORGE_GOTOOLCHAIN:-local}"
 export GOFLAGS="-mod=readonly -buildvcs=false"
 
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm
+          kubelet kube-proxy coredns kube-router local-path-provisioner pause)
+WRAPPERS=(k8s etcd kwok helm coredns kube-router local-path-provisioner)
 # Bump RECIPE when changing how binaries are built here (flags, packages): it is part of
 # the cache key, so old binaries are not reused.
 RECIPE=1
@@ -43,7 +47,8 @@ goversion="$(go env GOVERSION)" || die "'go env GOVERSION' failed"
 
 hash="$(
   cd "$here"
-  { cat versions.env k8s/go.mod k8s/go.sum etcd/go.mod etcd/go.sum kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum
+  { cat versions.env coredns/main.go
+    for w in "${WRAPPERS[@]}"; do cat "$w/go.mod" "$w/go.sum"; done
     printf 'go=%s\nrecipe=%s\n' "$goversion" "$RECIPE"; } | sha256sum | cut -c1-16
 )" || die "cannot hash versions.env and go.mod/go.sum files"
 
@@ -122,9 +127,34 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 build helm                    helm helm.sh/helm/v3/cmd/helm                      "${helm_x[@]}"
 
+# The real node (start-node.sh).
+build kubelet                 k8s  k8s.io/kubernetes/cmd/kubelet                 "${k8s_x[@]}"
+build kube-proxy              k8s  k8s.io/kubernetes/cmd/kube-proxy              "${k8s_x[@]}"
+build coredns                 coredns .
+build kube-router             kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+build local-path-provisioner  local-path-provisioner github.com/rancher/local-path-provisioner
+
+# The sandbox ("pause") binary every pod's first container runs, from its C source in the
+# kubernetes module, compiled the way build/pause/Makefile does (static, -Os).
+if [[ ! -x "$bin/pause" ]]; then
+  command -v cc >/dev/null 2>&1 || die "pause: needs a C compiler (cc)"
+  src="$(cd "$here/k8s" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c"
+  [[ -f "$src" ]] || die "pause: $src not found in the kubernetes module"
+  pause_tag="$(sed -n 's/^TAG ?= //p' "${src%/linux/pause.c}/Makefile")"
+  cc -Os -Wall -Werror -static -DVERSION="v$pause_tag-kubeforge" -o "$bin/.pause.tmp" "$src" \
+    || die "pause: compiling $src failed"
+  mv -f "$bin/.pause.tmp" "$bin/pause"
+  printf '%s\n' "$pause_tag" > "$bin/pause.version"
+  log "pause: built v$pause_tag from $src"
+fi
+
 # Sanity check: every binary runs and reports a version.
 for b in "${BINARIES[@]}"; do
-  v=--version; [[ $b == helm ]] && v=version   # helm's is a subcommand
+  case $b in
+    helm) v=version ;;   # helm's is a subcommand
+    pause) v=-v ;;
+    *) v=--version ;;
+  esac
   "$bin/$b" "$v" >/dev/null 2>&1 || die "$b was built but '$b $v' fails"
 done
 

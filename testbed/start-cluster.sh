@@ -2,7 +2,11 @@
 # Start a throw-away Kubernetes control plane for tests, everything on 127.0.0.1:
 #   etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler -> kwok -> N fake GPU nodes
 #
-# Usage: start-cluster.sh WORKDIR [NODES]        (NODES defaults to 1)
+# Usage: start-cluster.sh WORKDIR [NODES]        (NODES defaults to 1; 0 is allowed)
+#   KUBEFORGE_REAL_NODE=1 adds a real node (start-node.sh: kubelet, containerd, CNI, kube-proxy,
+#   kube-router, CoreDNS, local-path-provisioner) in a network namespace of its own
+#   (node-network.sh); kube-apiserver then binds the host end of that namespace's veth instead
+#   of 127.0.0.1, so that pods can reach it, and the `kubernetes` Service gets its endpoint.
 #   Binaries: $KUBEFORGE_TESTBED_BIN, else the dir printed by ./build.sh (built if needed).
 #   Node shape: KUBEFORGE_NODE_GPUS (8), KUBEFORGE_NODE_CPU (32), KUBEFORGE_NODE_MEMORY (256Gi),
 #               KUBEFORGE_NODE_PODS (110). Readiness timeout per step: KUBEFORGE_START_TIMEOUT (120 s).
@@ -50,9 +54,19 @@ for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
   [[ -x "$bin/$b" ]] || { echo "[cluster] ERROR: $bin/$b missing" >&2; exit 1; }
 done
 
-rm -rf "$wd/etcd-data" "$wd/logs" "$wd/pki"
+rm -rf "$wd/etcd-data" "$wd/logs" "$wd/pki" "$wd/node"
 mkdir -p "$wd/logs" "$wd/pki"
 : > "$wd/pids"
+
+real_node="${KUBEFORGE_REAL_NODE:-0}"
+api_ip=127.0.0.1
+if [[ "$real_node" == 1 ]]; then
+  (( EUID == 0 )) || fail setup "KUBEFORGE_REAL_NODE=1 needs root (network namespace, containerd, kubelet)"
+  "$here/node-network.sh" up "$wd" || fail setup "node-network.sh up failed"
+  # shellcheck disable=SC1091
+  source "$wd/node/network.env"
+  api_ip="$HOST_IP"
+fi
 
 # ---- ports -------------------------------------------------------------------
 read -r p_etcd p_peer p_api p_kcm p_sched < <(python3 - <<'EOF'
@@ -71,16 +85,35 @@ openssl_q req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kubeforge-test
   -keyout "$pki/ca.key" -out "$pki/ca.crt" || fail setup "openssl: CA"
 openssl_q req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
   -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" || fail setup "openssl: apiserver CSR"
-printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1\nextendedKeyUsage=serverAuth\n' > "$pki/apiserver.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1\nextendedKeyUsage=serverAuth\n' "$api_ip" > "$pki/apiserver.ext"
 openssl_q x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 3650 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" || fail setup "openssl: apiserver cert"
 openssl_q genrsa -out "$pki/sa.key" 2048 || fail setup "openssl: SA key"
 openssl_q rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" || fail setup "openssl: SA pub"
 token="$(openssl rand -hex 24)"
 printf '%s,kubeforge-admin,kubeforge-admin,"system:masters"\n' "$token" > "$pki/tokens.csv"
+kubelet_client=()
+if [[ "$real_node" == 1 ]]; then
+  # The node's own identities: the Node authorizer and the default system:node-proxier binding
+  # give kubelet and kube-proxy exactly their rights.
+  NODE_TOKEN="$(openssl rand -hex 24)" PROXY_TOKEN="$(openssl rand -hex 24)"
+  printf '%s,system:node:%s,%s,"system:nodes"\n' "$NODE_TOKEN" "$NODE_NAME" "$NODE_NAME" >> "$pki/tokens.csv"
+  printf '%s,system:kube-proxy,system:kube-proxy\n' "$PROXY_TOKEN" >> "$pki/tokens.csv"
+  # kube-apiserver's client certificate for kubelet's API (logs, exec, port-forward).
+  openssl_q req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+    -keyout "$pki/kubelet-client.key" -out "$pki/kubelet-client.csr" || fail setup "openssl: kubelet client CSR"
+  printf 'extendedKeyUsage=clientAuth\n' > "$pki/kubelet-client.ext"
+  openssl_q x509 -req -in "$pki/kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$pki/kubelet-client.ext" -out "$pki/kubelet-client.crt" || fail setup "openssl: kubelet client cert"
+  kubelet_client=(--kubelet-client-certificate="$pki/kubelet-client.crt" --kubelet-client-key="$pki/kubelet-client.key"
+                  --kubelet-preferred-address-types=InternalIP
+                  --endpoint-reconciler-type=lease)
+else
+  kubelet_client=(--endpoint-reconciler-type=none)
+fi
 chmod 600 "$pki"/*.key "$pki/tokens.csv"
 
-api="https://127.0.0.1:$p_api"
+api="https://$api_ip:$p_api"
 kc="$wd/kubeconfig"
 cat > "$kc" <<EOF
 apiVersion: v1
@@ -148,8 +181,8 @@ wait_for etcd "healthy" etcd_healthy
 # ---- kube-apiserver ----------------------------------------------------------------
 start kube-apiserver \
   --etcd-servers="http://127.0.0.1:$p_etcd" \
-  --bind-address=127.0.0.1 \
-  --advertise-address=127.0.0.1 \
+  --bind-address="$api_ip" \
+  --advertise-address="$api_ip" \
   --secure-port="$p_api" \
   --tls-cert-file="$pki/apiserver.crt" \
   --tls-private-key-file="$pki/apiserver.key" \
@@ -165,7 +198,7 @@ start kube-apiserver \
   --service-account-key-file="$pki/sa.pub" \
   --service-account-signing-key-file="$pki/sa.key" \
   --service-cluster-ip-range=10.96.0.0/16 \
-  --endpoint-reconciler-type=none \
+  "${kubelet_client[@]}" \
   --allow-privileged=true \
   --enable-priority-and-fairness=false \
   --profiling=false
@@ -203,7 +236,7 @@ wait_for kube-scheduler "healthy (/healthz)" healthz "$p_sched"
 start kwok \
   --kubeconfig="$kc" \
   --config="$here/kwok-stages.yaml" \
-  --manage-all-nodes=true \
+  --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
   --node-ip=10.255.0.1 \
   --cidr=10.244.0.0/16 \
   --node-lease-duration-seconds=40
@@ -239,6 +272,11 @@ sys.exit(0 if ok >= want else 1)' "$nodes"
 wait_for kwok "$nodes node(s) Ready and untainted" nodes_ready
 wait_for kube-controller-manager "default ServiceAccount exists" curl_api "$api/api/v1/namespaces/default/serviceaccounts/default"
 
+if [[ "$real_node" == 1 ]]; then
+  bin="$bin" api="$api" token="$token" pki="$pki" timeout="$timeout" NODE_TOKEN="$NODE_TOKEN" PROXY_TOKEN="$PROXY_TOKEN" \
+    "$here/start-node.sh" "$wd" || fail setup "start-node.sh failed (logs in $wd/logs)"
+fi
+
 cat > "$wd/cluster.env" <<EOF
 KUBECONFIG=$kc
 APISERVER_URL=$api
@@ -249,6 +287,7 @@ KCM_PORT=$p_kcm
 SCHEDULER_PORT=$p_sched
 BIN_DIR=$bin
 NODES=$nodes
+REAL_NODE=$( [[ "$real_node" == 1 ]] && echo "$NODE_NAME" )
 EOF
 log "cluster ready in $(( $(date +%s) - t0 ))s: $api (KUBECONFIG=$kc)"
 printf '%s\n' "$kc"

@@ -9,6 +9,9 @@ wd="${1:?usage: stop-cluster.sh WORKDIR}"
 grace="${KUBEFORGE_STOP_GRACE:-10}"
 pidfile="$wd/pids"
 [[ -f "$pidfile" ]] || exit 0
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The real node first (its pods, services, mounts and network), while the API server still runs.
+[[ -d "$wd/node" ]] && "$here/stop-node.sh" "$wd"
 
 ours() { [[ -d "/proc/$1" && "$(readlink "/proc/$1/exe" 2>/dev/null)" == "$2" ]]; }
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Put images into the real node's containerd (the k8s.io namespace kubelet uses).
+#
+# Usage: node-images.sh WORKDIR [ARCHIVE.tar ...]
+#   With no archive: the testbed's own images, built here on first use into <cache>/images:
+#     the sandbox image (the pause binary build.sh compiles) and a busybox (Debian's
+#     busybox-static) for local-path-provisioner's helper pods. Their refs go to
+#     WORKDIR/node/{pause,busybox}.ref.
+#   Each ARCHIVE is a docker-archive (`docker save`, make images). An archive already imported,
+#   same path, size and mtime, is skipped: containerd's store outlives the cluster.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+wd="$(cd "${1:?usage: node-images.sh WORKDIR [ARCHIVE.tar ...]}" && pwd)"; shift
+# shellcheck disable=SC1091
+source "$wd/node/network.env"
+cache="${KUBEFORGE_TESTBED_CACHE:-$HOME/.cache/kubeforge-testbed}"
+sock="$wd/node/containerd.sock"
+stamps="$cache/containerd-$NODE_SLOT/kubeforge-imported"
+mkdir -p "$cache/images" "$stamps"
+log() { printf '[node-images] %s\n' "$*" >&2; }
+
+import() { # import ARCHIVE: unless this very file was imported before
+  local tar="$1" key t0
+  [[ -f "$tar" ]] || { log "ERROR: $tar not found"; return 1; }
+  key="$(printf '%s %s' "$(readlink -f "$tar")" "$(stat -c '%s %Y' "$tar")" | sha256sum | cut -c1-32)"
+  if [[ -f "$stamps/$key" ]]; then
+    log "$(cat "$stamps/$key"): already imported"
+    return 0
+  fi
+  t0=$(date +%s)
+  ctr --address "$sock" -n k8s.io images import "$tar" >&2 \
+    || { log "ERROR: ctr images import $tar failed"; return 1; }
+  python3 -c 'import json, sys, tarfile; print(" ".join(json.load(tarfile.open(sys.argv[1]).extractfile("manifest.json"))[0]["RepoTags"]))' \
+    "$tar" > "$stamps/$key"
+  log "$(cat "$stamps/$key"): imported in $(( $(date +%s) - t0 ))s ($(du -h "$tar" | cut -f1))"
+}
+
+if (( $# == 0 )); then
+  bin="${bin:-$("$here/build.sh" | tail -n 1)}"
+  pause_ref="docker.io/kubeforge-testbed/pause:$(cat "$bin/pause.version")"
+  pause_tar="$cache/images/pause-$(sha256sum "$bin/pause" | cut -c1-16).tar"
+  [[ -f "$pause_tar" ]] || python3 "$here/image_archive.py" "$pause_tar" "$pause_ref" '["/pause"]' 65535:65535 "$bin/pause=/pause"
+  busybox="$(command -v busybox)"
+  busybox_ref="docker.io/kubeforge-testbed/busybox:$(dpkg-query -W -f '${Version}' busybox-static | tr -c 'A-Za-z0-9_.\n-' '_')"
+  busybox_tar="$cache/images/busybox-$(sha256sum "$busybox" | cut -c1-16).tar"
+  if [[ ! -f "$busybox_tar" ]]; then
+    links=()
+    for applet in sh mkdir rm chmod ls cat; do links+=("@busybox=/bin/$applet"); done
+    python3 "$here/image_archive.py" "$busybox_tar" "$busybox_ref" '["/bin/sh"]' 0:0 "$busybox=/bin/busybox" "${links[@]}"
+  fi
+  printf '%s\n' "$pause_ref" > "$wd/node/pause.ref"
+  printf '%s\n' "$busybox_ref" > "$wd/node/busybox.ref"
+  set -- "$pause_tar" "$busybox_tar"
+fi
+for tar in "$@"; do import "$tar"; done
