@@ -95,6 +95,15 @@ def test_a_refused_create_is_in_status_and_in_one_event(minimal_job: dict[str, A
     again, events = _pass(cluster, _body(minimal_job, status=st))
     assert again == st and events == []
 
+    # Still refused at the startup deadline: the job fails, naming the refusal.
+    again["startingSince"] = _ago(1300)
+    failed, _ = _pass(cluster, _body(minimal_job, status=again))
+    assert failed["phase"] == "Failed"
+    assert (
+        f"demo-trainer-0 (not created: CreateForbidden: refused by the API server (403): {QUOTA})"
+        in (failed["message"])
+    )
+
 
 def test_no_event_is_posted_when_the_status_write_fails(minimal_job: dict[str, Any]) -> None:
     cluster = FakeCluster(refuse=403, patch_fails=True)

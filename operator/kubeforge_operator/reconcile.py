@@ -186,11 +186,13 @@ class Reconciler:
         net: client.NetworkingV1Api,
         custom: client.CustomObjectsApi,
         progress_url_base: str = "",
+        scraper: r.Scraper | None = None,
     ):
         self.core = core
         self.net = net
         self.custom = custom
         self.progress_url_base = progress_url_base
+        self.scraper = scraper
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -359,13 +361,13 @@ class Reconciler:
     ) -> list[tuple[str, str]]:
         """(pod, why) for every desired pod that is not Ready, in start order."""
         by_instance = {p.instance: p for p in live_pods}
+        # A missing pod: the refusal the last pass recorded says why (a quota refuses them all alike).
+        refused = f": {last.why()}" if last and last.reason.startswith("Create") else ""
         not_ready = []
         for inst in desired:
             name, p = job.pod_name(inst), by_instance.get(inst)
             if p is None:
-                # Missing: the refusal recorded by the last pass says why, when there was one.
-                why = "not created" + (f": {last.describe()}" if last and last.reason.startswith("Create") else "")
-                not_ready.append((name, last.why() if last and last.pod == name else why))
+                not_ready.append((name, f"not created{refused}"))
             elif not p.ready:
                 why = p.diagnosis.why() if p.diagnosis else ("running, not ready" if p.phase == "Running" else p.phase)
                 not_ready.append((name, why))
@@ -522,6 +524,7 @@ class Reconciler:
             "ConfigMap": self.core.create_namespaced_config_map,
             "Secret": self.core.create_namespaced_secret,
             "NetworkPolicy": self.net.create_namespaced_network_policy,
+            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
         }[kind]
         try:
             response = create(ns, obj, _preload_content=False)
@@ -558,7 +561,9 @@ class Reconciler:
         self._create(r.config_map(job, spec))
         self._create(r.secret(job, secrets.token_hex(16)))
         self._create(r.service(job))
-        self._create(r.network_policy(job))
+        self._create(r.network_policy(job, self.scraper))
+        if claim := r.checkpoint_claim(job, spec):
+            self._create(claim)
 
     def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> str | None:
         """Patch the status; the RLJob's new resourceVersion, None if it is gone."""
