@@ -42,3 +42,13 @@ def test_validate_refuses_with_the_field_and_exit_1(tmp_path, minimal_job):
 def test_no_command_is_a_usage_error():
     result = kubeforge()
     assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_validate_refuses_checkpoints_that_would_die_with_a_pod_unless_asked_for_a_local_check(tmp_path, minimal_job):
+    minimal_job["spec"]["checkpoint"] = {"storage": {"emptyDir": True}}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(minimal_job))
+    result = kubeforge("validate", path)
+    assert result.returncode == 1
+    assert "spec.checkpoint.storage.emptyDir: got True" in result.stderr and "--local" in result.stderr
+    assert kubeforge("validate", "--local", path).returncode == 0

@@ -145,6 +145,22 @@ BAD_SPECS = [
         "used twice",
     ),
     ("spec.suspend", "sometimes", "spec.suspend", "valid boolean"),
+    (
+        "spec.checkpoint.storage",
+        {"emptyDir": True, "claimName": "ckpt"},
+        "spec.checkpoint.storage",
+        "choose one place",
+    ),
+    (
+        "spec.checkpoint.storage",
+        {"claimName": "ckpt", "storageClassName": "nfs"},
+        "spec.checkpoint.storage",
+        "applies only to the claim the operator creates",
+    ),
+    ("spec.checkpoint.storage.claimName", "My_Claim", "spec.checkpoint.storage.claimName", "Kubernetes object name"),
+    ("spec.checkpoint.storage.accessMode", "ReadOnlyMany", "spec.checkpoint.storage.accessMode", "'ReadWriteOnce'"),
+    ("spec.checkpoint.storage.whenDeleted", "Keep", "spec.checkpoint.storage.whenDeleted", "'Retain'"),
+    ("spec.checkpoint.storage.size", "lots", "spec.checkpoint.storage.size", "Kubernetes quantity"),
     ("spec.dataset.shuffle", True, "spec.dataset.shuffle", "unknown field"),
 ]
 
@@ -208,3 +224,57 @@ def test_a_role_that_reported_its_own_error_or_ran_out_of_memory_fails_the_job(m
     minimal_job["spec"]["failurePolicy"] = {"rules": [rule]}
     explicit = parse_job(minimal_job).spec.failure_policy
     assert explicit.action_for("generator", exit_code=1, role_error=True) == "RestartPod"  # named: the user's call
+
+
+FAIL_JOB_RULES = [{"role": "trainer", "action": "FailJob"}, {"role": "controller", "action": "FailJob"}]
+CHECKPOINTS_VOLUME = [{"name": "ckpt", "claimName": "team-ckpt", "mountPath": "/ckpt"}]
+
+# (spec changes, the problem's field and a fragment of its fix; None: fine on Kubernetes)
+KUBERNETES_CASES = [
+    ({}, None),  # the default: a per-job claim
+    ({"checkpoint": {"storage": {"claimName": "team-ckpt"}}}, None),
+    # The default rules restart trainer and controller from a checkpoint: an emptyDir would lose it.
+    (
+        {"checkpoint": {"storage": {"emptyDir": True}}},
+        ("spec.checkpoint.storage.emptyDir", "restarts controller, trainer from a checkpoint"),
+    ),
+    (
+        {"checkpoint": {"storage": {"emptyDir": True}},
+         "failurePolicy": {"rules": [{"role": "trainer", "action": "RestartFromCheckpoint"}]}},
+        ("spec.checkpoint.storage.emptyDir", "set claimName to an existing claim"),
+    ),
+    ({"checkpoint": {"storage": {"emptyDir": True}}, "failurePolicy": {"rules": FAIL_JOB_RULES}}, None),
+    # An absolute directory must be inside a writable volume.
+    ({"checkpoint": {"dir": "/ckpt/run-1"}, "volumes": CHECKPOINTS_VOLUME}, None),
+    ({"checkpoint": {"dir": "/ckpt", "storage": {"emptyDir": True}}, "volumes": CHECKPOINTS_VOLUME}, None),
+    ({"checkpoint": {"dir": "/scratch/ckpt"}}, ("spec.checkpoint.dir", "make it relative")),
+    ({"checkpoint": {"dir": "/ckptx"}, "volumes": CHECKPOINTS_VOLUME}, ("spec.checkpoint.dir", "make it relative")),
+    (
+        {"checkpoint": {"dir": "/ckpt"}, "volumes": [{**CHECKPOINTS_VOLUME[0], "readOnly": True}]},
+        ("spec.checkpoint.dir", "set readOnly: false"),
+    ),
+    # A multi-node trainer's shards must land in one place.
+    ({"roles": {"trainer": {"nodes": 2}}}, ("spec.checkpoint.storage.accessMode", "ReadWriteMany")),
+    ({"roles": {"trainer": {"nodes": 2}}, "checkpoint": {"storage": {"accessMode": "ReadWriteMany"}}}, None),
+    (
+        {"roles": {"trainer": {"nodes": 2}}, "checkpoint": {"storage": {"emptyDir": True}},
+         "failurePolicy": {"rules": FAIL_JOB_RULES}},
+        ("spec.checkpoint.storage.emptyDir", "one shared place"),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "expected"), KUBERNETES_CASES)
+def test_jobs_whose_checkpoints_would_not_outlive_their_pods_are_refused_on_kubernetes_only(
+    minimal_job, changes, expected
+):
+    minimal_job["spec"].update(changes)
+    job = parse_job(minimal_job)  # what `kubeforge run` reads: it keeps the run directory on local disk
+    if expected is None:
+        assert parse_spec(minimal_job["spec"]) == job.spec
+        return
+    field, fix = expected
+    with pytest.raises(SpecError) as raised:
+        parse_spec(minimal_job["spec"], source="team/demo")  # the operator's path
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"{field}: got ") and fix in problem, problem

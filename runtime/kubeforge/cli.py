@@ -43,10 +43,18 @@ def _load(path: str) -> RLJob | None:
 
 def _validate(args: argparse.Namespace) -> int:
     from kubeforge import contract
+    from kubeforge.validation import SpecError, check_for_kubernetes
 
     job = _load(args.file)
     if job is None:
         return 1
+    if not args.local:
+        try:
+            check_for_kubernetes(job.spec, source=args.file)
+        except SpecError as e:
+            print(f"{e}\n(`kubeforge run` keeps its run directory on this machine's disk and is not affected; "
+                  "`kubeforge validate --local` checks only what it needs)", file=sys.stderr)  # fmt: skip
+            return 1
     counts: dict[str, int] = {}
     for inst in contract.instances(job.spec):
         counts[inst.role] = counts.get(inst.role, 0) + 1
@@ -103,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check an RLJob file; exit 0 if valid, 1 with the reasons if not")
     validate.add_argument("file", help="RLJob YAML file")
+    validate.add_argument(
+        "--local",
+        action="store_true",
+        help="check only what `kubeforge run` needs, not where checkpoints live on Kubernetes",
+    )
     validate.set_defaults(handler=_validate)
 
     crd = commands.add_parser("crd", help="print the RLJob CustomResourceDefinition (generated from the schema)")

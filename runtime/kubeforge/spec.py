@@ -24,6 +24,7 @@ SHORT_NAMES = ["rlj"]
 # (63 characters); "-generator-999" takes 14 of them.
 MAX_JOB_NAME_LENGTH = 40
 DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 LABEL_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -98,6 +99,11 @@ class RoleCommon(Model):
         default_factory=dict, description="Added to spec.scheduling.nodeSelector for this role's pods."
     )
     env: EnvVars = Field(default_factory=dict, description="Extra environment variables for this role.")
+    read_only_root_filesystem: bool = Field(
+        True,
+        description="Kubernetes: run this role's container with a read-only root filesystem (writable emptyDirs "
+        "for HOME, /tmp and the caches). false: for an image that writes elsewhere.",
+    )
 
 
 class ControllerSpec(RoleCommon):
@@ -220,12 +226,73 @@ class DatasetSpec(Model):
     eval_split: str | None = Field(None, min_length=1, description="Held-out split for evaluation.")
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany"]
+
+
+class CheckpointStorage(Model):
+    """Where the run directory of the trainer and the controller lives on Kubernetes: checkpoints, SFT's
+    HF exports, metrics.jsonl and episodes.json must outlive every pod (a restarted trainer resumes from
+    them, and they are the job's product). `kubeforge run` writes to local disk and ignores this."""
+
+    claim_name: str | None = Field(
+        None,
+        pattern=DNS_1123_SUBDOMAIN,
+        max_length=253,
+        description="An existing PersistentVolumeClaim to use instead of one the operator creates. The operator "
+        "never deletes it. Set accessMode to what the claim offers.",
+    )
+    storage_class_name: str | None = Field(
+        None,
+        min_length=1,
+        description="StorageClass of the claim the operator creates; default: the cluster's default StorageClass.",
+    )
+    size: Quantity = Field(
+        "50Gi",
+        description="Size of the claim the operator creates: about (parameters x 16 bytes) x (checkpoint.keep + 1), "
+        "plus the HF exports.",
+    )
+    access_mode: AccessMode = Field(
+        "ReadWriteOnce",
+        description="ReadWriteOnce: one node mounts the claim, so the controller runs on trainer-0's node. "
+        "ReadWriteMany (NFS, CephFS, EFS, Filestore): needed when trainer.nodes > 1, whose DCP shards all land in it.",
+    )
+    when_deleted: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="What happens to the claim the operator created when the RLJob is deleted: Retain keeps it "
+        "(checkpoints are the product of the run; delete it with `kubectl delete pvc -l kubeforge.dev/job=NAME`), "
+        "Delete lets Kubernetes delete it with the RLJob.",
+    )
+    empty_dir: bool = Field(
+        False,
+        description="Keep the run directory in each pod's own emptyDir, lost with the pod: only for jobs whose "
+        "failurePolicy never restarts from a checkpoint (smoke tests).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CheckpointStorage:
+        if self.empty_dir and (self.claim_name or self.storage_class_name):
+            raise ValueError("emptyDir: true takes no claimName or storageClassName; choose one place for the run")
+        if self.claim_name and self.storage_class_name:
+            raise ValueError(
+                f"claimName {self.claim_name!r} is an existing claim; storageClassName applies only to the claim "
+                "the operator creates: remove one of them"
+            )
+        return self
+
+
 class CheckpointSpec(Model):
     dir: str = Field(
-        "checkpoints", min_length=1, description="Checkpoint directory (relative: inside the run directory)."
+        "checkpoints",
+        min_length=1,
+        description="Checkpoint directory. Relative: inside the run directory, which on Kubernetes is on "
+        "checkpoint.storage. Absolute: on Kubernetes it must be inside a writable spec.volumes mount.",
     )
     interval: int = Field(0, ge=0, description="Save every N steps; 0 saves only at the end.")
     keep: int = Field(2, ge=1, description="Checkpoints to keep.")
+    storage: CheckpointStorage = Field(
+        default_factory=CheckpointStorage,
+        description="Kubernetes only: the volume that holds the run directory of the trainer and the controller.",
+    )
 
 
 class VolumeSpec(Model):

@@ -13,7 +13,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubeforge.spec import ABSOLUTE_PATH, DNS_1035_LABEL, MODULE_PATH, QUANTITY, RLJob, RLJobSpec
+from kubeforge.spec import (
+    ABSOLUTE_PATH,
+    DNS_1035_LABEL,
+    DNS_1123_SUBDOMAIN,
+    MODULE_PATH,
+    QUANTITY,
+    RLJob,
+    RLJobSpec,
+)
 
 # What a regular expression in the schema means, in words a user can act on.
 PATTERN_MEANINGS = {
@@ -21,6 +29,7 @@ PATTERN_MEANINGS = {
     QUANTITY: "a Kubernetes quantity such as 4, 500m or 16Gi",
     MODULE_PATH: "a dotted Python module name such as apps.grpo.main",
     ABSOLUTE_PATH: "an absolute path, starting with /",
+    DNS_1123_SUBDOMAIN: "a Kubernetes object name: lowercase letters, digits, '-' and '.'",
 }
 
 
@@ -62,8 +71,75 @@ def parse_job(obj: Any, source: str = "<input>") -> RLJob:
 
 
 def parse_spec(spec: Any, source: str = "<input>") -> RLJobSpec:
-    """Validate only `spec`, as the operator does with a custom resource the API server accepted."""
-    return _validate(RLJobSpec, spec, source, prefix=("spec",))
+    """Validate only `spec`, as the operator does with a custom resource the API server accepted:
+    the schema, and what only matters on Kubernetes (`kubernetes_problems`)."""
+    parsed = _validate(RLJobSpec, spec, source, prefix=("spec",))
+    check_for_kubernetes(parsed, source)
+    return parsed
+
+
+def check_for_kubernetes(spec: RLJobSpec, source: str = "<input>") -> None:
+    """Raise SpecError if the job would lose its checkpoints as pods; `kubeforge validate` and the
+    operator call it, `kubeforge run` does not (locally the run directory is on this machine's disk)."""
+    problems = kubernetes_problems(spec)
+    if problems:
+        raise SpecError(source, problems)
+
+
+def kubernetes_problems(spec: RLJobSpec) -> list[str]:
+    """Where a job's checkpoints would not outlive its pods on Kubernetes, one line per problem.
+
+    In pods the run directory of the trainer and the controller is `spec.checkpoint.storage` (a
+    claim), or each pod's own emptyDir with `emptyDir: true`; a relative checkpoint.dir lands in
+    it, an absolute one must be inside a writable `spec.volumes` mount (the rest of the container's
+    filesystem is read-only and dies with the pod).
+    """
+    checkpoint, problems = spec.checkpoint, []
+    storage = checkpoint.storage
+    restarting = sorted({r.role for r in spec.failure_policy.rules if r.action == "RestartFromCheckpoint"})
+    nodes = spec.roles.trainer.nodes
+    if checkpoint.dir.startswith("/"):
+        mount = next(
+            (
+                v
+                for v in spec.volumes
+                if checkpoint.dir == v.mount_path or checkpoint.dir.startswith(f"{v.mount_path.rstrip('/')}/")
+            ),
+            None,
+        )
+        if mount is None:
+            problems.append(
+                f"spec.checkpoint.dir: got {checkpoint.dir!r}; on Kubernetes an absolute checkpoint directory "
+                "must be inside the mountPath of a writable spec.volumes entry (anywhere else it is the "
+                "container's own read-only filesystem, lost with the pod): make it relative to keep it on "
+                "spec.checkpoint.storage, or add the volume"
+            )
+        elif mount.read_only:
+            problems.append(
+                f"spec.checkpoint.dir: got {checkpoint.dir!r}; it is inside volume {mount.name!r}, which is "
+                "mounted readOnly: set readOnly: false on that volume or choose another directory"
+            )
+    elif storage.empty_dir and restarting:
+        problems.append(
+            f"spec.checkpoint.storage.emptyDir: got True; spec.failurePolicy restarts {', '.join(restarting)} from "
+            "a checkpoint (RestartFromCheckpoint, also the default rules), but an emptyDir is lost with its pod, so "
+            "a restarted trainer would begin again at step 0: remove emptyDir (the operator then creates a claim "
+            "for the job), set claimName to an existing claim, or give those roles failure rules with action FailJob"
+        )
+    if nodes > 1 and storage.empty_dir and not checkpoint.dir.startswith("/"):
+        problems.append(
+            f"spec.checkpoint.storage.emptyDir: got True; trainer.nodes is {nodes}, and every trainer pod writes "
+            "its DCP shards into one checkpoint, which must land in one shared place: remove emptyDir and set "
+            "accessMode: ReadWriteMany, or put checkpoint.dir inside a shared spec.volumes claim"
+        )
+    if nodes > 1 and not storage.empty_dir and storage.access_mode == "ReadWriteOnce":
+        problems.append(
+            f"spec.checkpoint.storage.accessMode: got 'ReadWriteOnce'; trainer.nodes is {nodes} and every trainer "
+            "pod mounts the run directory's claim, which ReadWriteOnce cannot share across nodes: set accessMode: "
+            "ReadWriteMany with a storageClassName that offers it (NFS, CephFS, EFS, Filestore), or claimName of a "
+            "ReadWriteMany claim"
+        )
+    return problems
 
 
 def _validate(model: type[BaseModel], obj: Any, source: str, prefix: tuple[str, ...]) -> Any:
