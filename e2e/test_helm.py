@@ -16,7 +16,7 @@ import pytest
 import yaml
 from chart import CHART, helm, render
 from cluster import GROUP, PLURAL, REPO, VERSION
-from kubeforge_operator.resources import JobRef, network_policy
+from kubeforge_operator.resources import HTTP_PORT, JobRef, Scraper, network_policy
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -97,6 +97,7 @@ def test_default_render(tmp_path: Path) -> None:
         f"--liveness=http://0.0.0.0:{ports['health']}/healthz",
         f"--progress-listen=0.0.0.0:{ports['progress']}",
         f"--progress-url-base=http://forge-operator.{ns}.svc:{progress['port']}",
+        "--scraper-pod-labels=app.kubernetes.io/name=prometheus",
     ]
     assert progress["targetPort"] == "progress"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -110,10 +111,16 @@ def test_default_render(tmp_path: Path) -> None:
     assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
     for service in (o for o in objects if o["kind"] == "Service"):
         assert selects(service["spec"]["selector"], labels), service["metadata"]["name"]
-    # Each job's NetworkPolicy must admit the operator's pod.
-    policy = network_policy(JobRef("j", "ns", "uid"))
-    admitted = [p["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for p in rule["from"]]
-    assert any(selects(s, labels) for s in admitted), (admitted, labels)
+    # Each job's NetworkPolicy admits the scraper the chart names, on the role port, and never the
+    # operator's pod: progress flows from the controller to the operator, not back.
+    scraper = Scraper.parse(*(a.split("=", 1)[1] if a else "" for a in _scraper_args(c["args"])))
+    policy = network_policy(JobRef("j", "ns", "uid"), scraper)
+    admitted = [
+        p.get("podSelector", {}).get("matchLabels", {}) for rule in policy["spec"]["ingress"] for p in rule["from"]
+    ]
+    assert not any(selects(s, labels) for s in admitted), (admitted, labels)
+    assert any(selects(s, {"app.kubernetes.io/name": "prometheus"}) for s in admitted), admitted
+    assert policy["spec"]["ingress"][-1]["ports"] == [{"protocol": "TCP", "port": HTTP_PORT}]
 
     role = only(objects, "Role")
     binding = only(objects, "RoleBinding")
@@ -122,6 +129,37 @@ def test_default_render(tmp_path: Path) -> None:
     # Cluster-wide, the operator may only read.
     capacity = only(objects, "ClusterRole", "forge-operator-capacity")
     assert {v for rule in capacity["rules"] for v in rule["verbs"]} <= {"get", "list", "watch"}
+
+
+def _scraper_args(args: list[str]) -> tuple[str, str]:
+    """The operator's --scraper-namespace-labels and --scraper-pod-labels arguments ('' if absent)."""
+    found = {a.split("=", 1)[0]: a for a in args if a.startswith("--scraper-")}
+    return found.get("--scraper-namespace-labels", ""), found.get("--scraper-pod-labels", "")
+
+
+def test_the_scraper_and_the_operators_network_policy(tmp_path: Path) -> None:
+    objects = render("metrics.scraper.namespaceLabels.kubernetes\\.io/metadata\\.name=monitoring",
+                     "networkPolicy.enabled=true", home=tmp_path)  # fmt: skip
+    assert _scraper_args(container(objects)["args"]) == (
+        "--scraper-namespace-labels=kubernetes.io/metadata.name=monitoring",
+        "--scraper-pod-labels=app.kubernetes.io/name=prometheus",
+    )
+    assert _scraper_args(container(render("metrics.scraper.podLabels=null", home=tmp_path))["args"]) == ("", "")
+    policy = only(objects, "NetworkPolicy")["spec"]
+    assert selects(
+        policy["podSelector"]["matchLabels"], only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    )
+    by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["ingress"]}
+    # Progress comes from job controllers in the watched namespace; nothing goes back to job pods.
+    (controllers,) = by_port["progress"]
+    assert controllers["podSelector"] == {"matchLabels": {"kubeforge.dev/role": "controller"}}
+    assert controllers["namespaceSelector"]["matchExpressions"][0]["values"] == ["kubeforge-system"]
+    assert by_port["metrics"] == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }]  # fmt: skip
+    assert by_port["health"] is None  # the kubelet's probes
+    assert not [o for o in render(home=tmp_path) if o["kind"] == "NetworkPolicy"]
 
 
 def test_watched_namespaces(tmp_path: Path) -> None:

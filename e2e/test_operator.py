@@ -13,6 +13,7 @@ import pytest
 from cluster import GROUP, PLURAL, VERSION, Operator, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from storage import instant_storage_class
 
 pytestmark = pytest.mark.cluster
 
@@ -36,6 +37,10 @@ PODS = ["trainer-0", "trainer-1", "generator-0", "generator-1", "reward-0", "con
 
 def job_body(name: str = "grpo", **spec: Any) -> dict[str, Any]:
     body = copy.deepcopy(JOB)
+    # The claim of the run directory binds at once on the KWOK nodes (storage.py); two trainer pods share it.
+    body["spec"]["checkpoint"] = {
+        "storage": {"storageClassName": instant_storage_class(), "accessMode": "ReadWriteMany"}
+    }
     body["metadata"]["name"] = name
     body["spec"].update(spec)
     return body
@@ -379,3 +384,57 @@ def test_operator_metrics_count_pods_and_phases(namespace: str, operator: Operat
     assert f'kubeforge_operator_pods_created_total{{job="grpo",namespace="{namespace}",role="generator"}} 2.0' in text
     assert f'kubeforge_operator_jobs{{namespace="{namespace}",phase="Running"}} 1.0' in text
     assert "kubeforge_operator_reconcile_seconds_count" in text
+
+
+@pytest.mark.parametrize("when_deleted", ["Retain", "Delete"])
+def test_pod_security_restricted_admits_every_pod_and_the_checkpoint_claim_follows_when_deleted(
+    namespace: str, operator: Operator, when_deleted: str
+) -> None:
+    core = client.CoreV1Api()
+    core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    body = job_body()
+    body["spec"]["checkpoint"]["storage"]["whenDeleted"] = when_deleted
+    created = create(namespace, body)
+    # The API server's PodSecurity admission refuses a pod that is not "restricted" (403): every pod exists.
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+    assert sorted(pods(namespace)) == sorted(PODS)
+    assert not status(namespace, "grpo").get("stuck")
+
+    claim_name = f"grpo-checkpoints-{created['metadata']['uid'][:8]}"
+    claim = core.read_namespaced_persistent_volume_claim(claim_name, namespace)
+    assert claim.status.phase == "Bound" and claim.spec.access_modes == ["ReadWriteMany"]
+    for name, pod in pods(namespace).items():
+        claims = {v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+        assert claims == ({claim_name} if name.split("-")[0] in ("trainer", "controller") else set()), name
+
+    client.CustomObjectsApi().delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo")
+    wait_for("pods collected", lambda: not pods(namespace), timeout=90, operator=operator)
+
+    def claim_gone() -> bool:
+        try:
+            core.read_namespaced_persistent_volume_claim(claim_name, namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    if when_deleted == "Delete":
+        wait_for("the claim collected with its RLJob", claim_gone, timeout=90)
+    else:
+        time.sleep(5)  # the garbage collector has had its chance: the claim has no owner to follow
+        assert (
+            not claim_gone()
+            and not core.read_namespaced_persistent_volume_claim(claim_name, namespace).metadata.owner_references
+        )
+
+
+def test_a_job_whose_checkpoints_would_die_with_a_pod_is_refused_and_creates_nothing(
+    namespace: str, operator: Operator
+) -> None:
+    body = job_body()
+    body["spec"]["checkpoint"] = {"storage": {"emptyDir": True}}  # the default rules restart from a checkpoint
+    create(namespace, body)
+    wait_for("phase Failed", lambda: status(namespace, "grpo").get("phase") == "Failed", operator=operator)
+    message = status(namespace, "grpo")["message"]
+    assert "spec.checkpoint.storage.emptyDir: got True" in message and "RestartFromCheckpoint" in message
+    assert not pods(namespace)
+    assert not client.CoreV1Api().list_namespaced_persistent_volume_claim(namespace).items

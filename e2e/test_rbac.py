@@ -18,6 +18,7 @@ from kubeforge import contract
 from kubeforge.spec import RLJobSpec
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from storage import CLASS, instant_storage_class
 
 pytestmark = pytest.mark.cluster
 
@@ -28,6 +29,8 @@ JOB = {
     "spec": {
         "model": {"path": "/models/m"},
         "roles": {"trainer": {"nodes": 2, "gpusPerNode": 2}, "generator": {"replicas": 2, "gpus": 1}},
+        # The operator creates this claim with the chart's RBAC (persistentvolumeclaims: create).
+        "checkpoint": {"storage": {"storageClassName": CLASS, "accessMode": "ReadWriteMany"}},
     },
 }
 
@@ -75,6 +78,7 @@ def test_the_operator_runs_a_job_with_only_the_charts_rbac(cluster: Path, namesp
         operator.start()
         try:
             custom, core = client.CustomObjectsApi(), client.CoreV1Api()
+            instant_storage_class()
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, JOB)
 
             def status() -> dict[str, Any]:
@@ -99,6 +103,9 @@ def test_the_operator_runs_a_job_with_only_the_charts_rbac(cluster: Path, namesp
             )
             wait_for("phase Succeeded", lambda: status().get("phase") == "Succeeded", timeout=90, operator=operator)
             assert status()["progress"]["step"] == 3
+            assert core.list_namespaced_persistent_volume_claim(
+                namespace, label_selector="kubeforge.dev/job=grpo"
+            ).items
         finally:
             operator.stop()
         log = operator.log()

@@ -52,14 +52,16 @@ def test_the_operator_renders_pods_with_the_stated_gpus(path, expected):
     assert {name: gpus(pod) for name, pod in pods.items()} == expected
     job = load_file(REPO / path)
     mounts = {v.mount_path for v in job.spec.volumes}
-    # The model and the checkpoints live on PVCs every pod mounts: nothing is downloaded, nothing lost with a pod.
+    # The model lives on PVCs every pod mounts: nothing is downloaded. The checkpoints go to the job's own
+    # claim (spec.checkpoint.storage), which the trainer and the controller mount: nothing lost with a pod.
     assert any(job.spec.model.path.startswith(m + "/") for m in mounts)
-    assert any(job.spec.checkpoint.dir.startswith(m + "/") for m in mounts)
-    for pod in pods.values():
+    assert not job.spec.checkpoint.dir.startswith("/") and not job.spec.checkpoint.storage.empty_dir
+    for name, pod in pods.items():
         claims = {
             v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v
         }
-        assert claims == {v.claim_name for v in job.spec.volumes}
+        run_claim = {f"{job.name}-checkpoints-uid-1"} if name.split("-")[0] in resources.STORAGE_ROLES else set()
+        assert claims == {v.claim_name for v in job.spec.volumes} | run_claim, name
 
 
 def test_the_grpo_trainer_runs_one_rank_and_the_sft_trainer_eight():

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from kubeforge.validation import parse_job
 from kubeforge_operator import resources as r
 from kubeforge_operator.reconcile import PodView
@@ -146,3 +147,178 @@ def test_pod_views_read_the_api_servers_json(minimal_job):
         "",
     )
     assert PodView.of({"metadata": {"name": "stranger", "labels": {r.LABEL_JOB: "j"}}}) is None
+
+
+# -- Pod Security "restricted" ------------------------------------------------------------------
+
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+
+
+@pytest.mark.parametrize("role", ["trainer", "generator", "reward", "reference", "controller"])
+def test_every_role_pod_passes_pod_security_restricted_with_writable_paths(minimal_job, role):
+    ref, spec = _job(minimal_job, roles={"reference": {"enabled": True}})
+    pod = r.pod(ref, spec, r.Instance(role, 0))
+    container = pod["spec"]["containers"][0]
+    assert pod["spec"]["securityContext"] == RESTRICTED_POD
+    assert container["securityContext"] == RESTRICTED_CONTAINER
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    # The root filesystem is read-only: every path a role writes is a volume.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for path in ("/dev/shm", "/tmp", r.HOME_DIR, r.RUN_DIR):
+        assert path in mounts, path
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {} and volumes[mounts[r.HOME_DIR]]["emptyDir"] == {}
+    assert _env(pod)["HOME"] == r.HOME_DIR  # HF, vLLM, Triton, matplotlib and numba caches follow HOME
+
+
+def test_a_role_may_keep_a_writable_root_and_its_own_home(minimal_job):
+    ref, spec = _job(
+        minimal_job, roles={"generator": {"readOnlyRootFilesystem": False, "env": {"HOME": "/scratch/home"}}}
+    )
+    generator = r.pod(ref, spec, r.Instance("generator", 0))
+    assert generator["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+    assert _env(generator)["HOME"] == "/scratch/home"
+    assert [e["name"] for e in generator["spec"]["containers"][0]["env"]].count("HOME") == 1
+    trainer = r.pod(ref, spec, r.Instance("trainer", 0))
+    assert trainer["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# -- The run directory's storage ----------------------------------------------------------------
+
+CLAIM = "demo-checkpoints-uid-1"
+
+
+@pytest.mark.parametrize(
+    ("storage", "run_volume", "claim_spec", "owned", "affinity"),
+    [
+        # Default: a per-job ReadWriteOnce claim from the default StorageClass, kept after the RLJob.
+        (
+            {},
+            {"persistentVolumeClaim": {"claimName": CLAIM}},
+            {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}}},
+            False,
+            True,
+        ),
+        (
+            {"storageClassName": "nfs", "size": "2Ti", "accessMode": "ReadWriteMany", "whenDeleted": "Delete"},
+            {"persistentVolumeClaim": {"claimName": CLAIM}},
+            {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "2Ti"}},
+                "storageClassName": "nfs",
+            },
+            True,
+            False,
+        ),
+        # A claim of the user's: mounted, never created (nor deleted) by the operator.
+        ({"claimName": "team-ckpt"}, {"persistentVolumeClaim": {"claimName": "team-ckpt"}}, None, None, True),
+        (
+            {"claimName": "team-ckpt", "accessMode": "ReadWriteMany"},
+            {"persistentVolumeClaim": {"claimName": "team-ckpt"}},
+            None,
+            None,
+            False,
+        ),  # fmt: skip
+        ({"emptyDir": True}, {"emptyDir": {}}, None, None, False),
+    ],
+)
+def test_the_trainer_and_controller_keep_their_run_directory_on_the_checkpoint_storage(
+    minimal_job, storage, run_volume, claim_spec, owned, affinity
+):
+    rules = [{"role": role, "action": "FailJob"} for role in ("trainer", "controller")]
+    ref, spec = _job(minimal_job, checkpoint={"storage": storage}, failurePolicy={"rules": rules})
+    for role in ("trainer", "controller"):
+        volumes = {v["name"]: v for v in r.pod(ref, spec, r.Instance(role, 0))["spec"]["volumes"]}
+        assert {k: v for k, v in volumes["run"].items() if k != "name"} == run_volume, role
+    for role in ("generator", "reward"):  # nothing of theirs must outlive them: no tie to the claim's node
+        volumes = {v["name"]: v for v in r.pod(ref, spec, r.Instance(role, 0))["spec"]["volumes"]}
+        assert volumes["run"]["emptyDir"] == {}, role
+
+    claim = r.checkpoint_claim(ref, spec)
+    if claim_spec is None:
+        assert claim is None
+    else:
+        assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == CLAIM
+        assert claim["spec"] == claim_spec
+        assert claim["metadata"]["labels"]["kubeforge.dev/job"] == "demo"
+        # Retain: no owner, so the garbage collector leaves it when the RLJob is deleted.
+        assert ("ownerReferences" in claim["metadata"]) is owned
+        if not owned:
+            assert claim["metadata"]["annotations"] == {"kubeforge.dev/job-uid": "uid-1"}
+
+    # One node mounts a ReadWriteOnce claim: the controller follows trainer-0 there.
+    controller = r.pod(ref, spec, r.Instance("controller", 0))
+    assert ("affinity" in controller["spec"]) is affinity
+    if affinity:
+        (term,) = controller["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        trainer0 = r.pod(ref, spec, r.Instance("trainer", 0))["metadata"]["labels"]
+        assert term["labelSelector"]["matchLabels"].items() <= trainer0.items()
+    assert "affinity" not in r.pod(ref, spec, r.Instance("trainer", 0))["spec"]
+
+
+def test_a_recreated_job_of_the_same_name_gets_a_claim_of_its_own(minimal_job):
+    _, spec = _job(minimal_job)
+    first = r.checkpoint_claim(r.JobRef("demo", "team", "0a1b2c3d-aaaa"), spec)
+    again = r.checkpoint_claim(r.JobRef("demo", "team", "9f8e7d6c-bbbb"), spec)
+    assert first["metadata"]["name"] == "demo-checkpoints-0a1b2c3d"
+    assert again["metadata"]["name"] != first["metadata"]["name"]
+
+
+# -- NetworkPolicy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("namespace_labels", "pod_labels", "scraper_peer"),
+    [
+        ("", "", None),
+        ("", "app.kubernetes.io/name=prometheus",
+         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}),
+        ("kubernetes.io/metadata.name=monitoring", "",
+         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}),
+        ("kubernetes.io/metadata.name=monitoring", "app=prometheus,shard=0",
+         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+          "podSelector": {"matchLabels": {"app": "prometheus", "shard": "0"}}}),
+    ],
+)  # fmt: skip
+def test_the_network_policy_admits_the_jobs_own_pods_and_the_scraper_on_the_role_port_only(
+    minimal_job, namespace_labels, pod_labels, scraper_peer
+):
+    ref, _ = _job(minimal_job)
+    policy = r.network_policy(ref, r.Scraper.parse(namespace_labels, pod_labels))
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"kubeforge.dev/job": "demo"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    own, *rest = spec["ingress"]
+    # Every port between the job's pods: the stores, and gloo/NCCL's ephemeral ports.
+    assert own == {"from": [{"podSelector": {"matchLabels": {"kubeforge.dev/job": "demo"}}}]}
+    if scraper_peer is None:
+        assert rest == []
+    else:
+        assert rest == [{"from": [scraper_peer], "ports": [{"protocol": "TCP", "port": r.HTTP_PORT}]}]
+    # No rule for the operator: progress goes from the controller to the operator, never back.
+    peers = [p for rule in spec["ingress"] for p in rule["from"]]
+    assert not any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "forge-operator"
+                   for p in peers)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", ["app", "app=", "=x", "app=prom etheus", "-bad=x"])
+def test_scraper_labels_that_are_not_labels_are_refused_with_the_flag(bad):
+    if bad == "app=":  # an empty value is a valid label value
+        assert r.Scraper.parse("", bad) == r.Scraper({}, {"app": ""})
+        return
+    with pytest.raises(ValueError, match=r"--scraper-pod-labels: got .*expected KEY=VALUE"):
+        r.Scraper.parse("", bad)

@@ -10,6 +10,7 @@ import kopf
 from prometheus_client import start_http_server
 
 import kubeforge_operator.handlers  # noqa: F401  (registers the handlers)
+from kubeforge_operator.resources import Scraper
 
 
 class _DropPodEventSuccess(logging.Filter):
@@ -34,10 +35,28 @@ def main(argv: list[str] | None = None) -> None:
         default=f"http://forge-operator.{os.environ.get('POD_NAMESPACE', 'kubeforge-system')}.svc:8081",
         help="how job pods reach --progress-listen (the operator Service's URL)",
     )
+    # Each job's NetworkPolicy admits the job's own pods, and these pods on the role port only (/metrics).
+    parser.add_argument(
+        "--scraper-namespace-labels",
+        default=os.environ.get("KUBEFORGE_SCRAPER_NAMESPACE_LABELS", ""),
+        metavar="K=V,...",
+        help="labels of the namespaces whose scraper pods may reach job pods' /metrics ('': any namespace)",
+    )
+    parser.add_argument(
+        "--scraper-pod-labels",
+        default=os.environ.get("KUBEFORGE_SCRAPER_POD_LABELS", ""),
+        metavar="K=V,...",
+        help="labels of the Prometheus pods that may scrape job pods' /metrics ('': any pod in those namespaces; "
+        "both empty: no scraper is admitted)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         parser.error("give --namespace NS (repeatable) or --all-namespaces")
+    try:
+        scraper = Scraper.parse(args.scraper_namespace_labels, args.scraper_pod_labels)
+    except ValueError as e:
+        parser.error(str(e))
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
@@ -49,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(progress_listen=args.progress_listen, progress_url_base=args.progress_url_base),
+        memo=kopf.Memo(progress_listen=args.progress_listen, progress_url_base=args.progress_url_base, scraper=scraper),
     )
 
 

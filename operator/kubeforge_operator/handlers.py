@@ -73,7 +73,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     configuration.connection_pool_maxsize = RECONCILE_THREADS + 8
     api = client.ApiClient(configuration)
     core, memo.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    memo.reconciler = Reconciler(core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""))
+    memo.reconciler = Reconciler(
+        core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""), memo.get("scraper")
+    )
     memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
     host, _, port = memo.get("progress_listen", "").rpartition(":")
     if port:

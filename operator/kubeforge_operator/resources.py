@@ -7,19 +7,38 @@ launcher uses, with stable DNS names of per-role headless services instead of lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge import contract
 from kubeforge.contract import Endpoints, Instance
-from kubeforge.spec import API_GROUP, API_VERSION, KIND, RLJobSpec
+from kubeforge.spec import API_GROUP, API_VERSION, KIND, LABEL_NAME, RLJobSpec
 
 HTTP_PORT = 8000
 TRAINER_MASTER_PORT = 29500
 WEIGHT_SYNC_PORT = 29600
 SPEC_DIR = "/etc/kubeforge"
 RUN_DIR = "/kubeforge/run"
+# HOME of every role, an emptyDir: the root filesystem is read-only, and what the roles' libraries
+# write lives under HOME whatever the image's own HOME is: Hugging Face (~/.cache/huggingface),
+# vLLM's compile cache and usage config (~/.cache/vllm, ~/.config/vllm), Triton's kernels
+# (~/.triton), torch hub (~/.cache/torch), CUDA's JIT cache (~/.nv), matplotlib's config
+# (~/.config/matplotlib; the apps draw reward.png) and numba's cache (~/.cache/numba: it cannot
+# write next to its read-only sources). A role's env may point any of them elsewhere.
+HOME_DIR = "/kubeforge/home"
+# /tmp, an emptyDir: torch inductor's cache (/tmp/torchinductor_<user>, which vLLM compiles into
+# on CPU), torchrun's log directory, vLLM's IPC sockets (VLLM_RPC_BASE_PATH) and every tempfile.
+TMP_DIR = "/tmp"
 TERMINATION_LOG = "/dev/termination-log"
+# The runtime images' user (images/runtime-*/Dockerfile). Pod Security "restricted" needs a non-root
+# user; fsGroup makes the checkpoint claim writable by it.
+RUNTIME_UID = 10001
+# Roles whose run directory must outlive the pod: the trainer writes DCP checkpoints (with
+# app_state.json and trainer_totals.json) and HF exports (SFT's too: under checkpoint.dir), the
+# controller metrics.jsonl and episodes.json. Generators, rewards and references write nothing that
+# a replacement needs, so they keep an emptyDir and never tie themselves to the claim's node.
+STORAGE_ROLES = ("trainer", "controller")
 TOKEN_KEY = "token"
 
 LABEL_JOB = f"{API_GROUP}/job"
@@ -89,6 +108,52 @@ class JobRef:
     def secret_name(self) -> str:
         return f"{self.name}-token"
 
+    @property
+    def claim_name(self) -> str:
+        """The claim the operator creates for the run directory. The uid keeps a re-created job of the
+        same name from silently resuming from a retained claim of an earlier one."""
+        return f"{self.name}-checkpoints-{self.uid[:8]}"
+
+
+@dataclass(frozen=True)
+class Scraper:
+    """The Prometheus that may scrape the job pods' /metrics through each job's NetworkPolicy:
+    pods with `pod_labels` in namespaces with `namespace_labels` (either empty: any)."""
+
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, namespace_labels: str, pod_labels: str) -> Scraper | None:
+        """From the operator's flags (`k=v,k2=v2` each); None, admitting no scraper, when both are empty."""
+        scraper = cls(
+            _labels("--scraper-namespace-labels", namespace_labels), _labels("--scraper-pod-labels", pod_labels)
+        )
+        return scraper if scraper.namespace_labels or scraper.pod_labels else None
+
+    def peer(self) -> dict[str, Any]:
+        # A peer with a podSelector alone means "in the policy's own namespace"; an empty
+        # namespaceSelector means every namespace.
+        peer: dict[str, Any] = {
+            "namespaceSelector": {"matchLabels": self.namespace_labels} if self.namespace_labels else {}
+        }
+        if self.pod_labels:
+            peer["podSelector"] = {"matchLabels": self.pod_labels}
+        return peer
+
+
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+def _labels(flag: str, text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not re.match(LABEL_NAME, key) or not re.match(LABEL_VALUE, value) or len(value) > 63:
+            raise ValueError(f"{flag}: got {item!r}; expected KEY=VALUE label pairs separated by commas")
+        labels[key] = value
+    return labels
+
 
 def endpoints(job: JobRef, spec: RLJobSpec) -> Endpoints:
     """Peers as stable DNS names: pod hostname + the job's headless service (publishNotReadyAddresses)."""
@@ -143,8 +208,17 @@ def service(job: JobRef) -> dict[str, Any]:
     }
 
 
-def network_policy(job: JobRef) -> dict[str, Any]:
-    """Only the job's own pods may reach the job's pods (plus the operator, for progress)."""
+def network_policy(job: JobRef, scraper: Scraper | None = None) -> dict[str, Any]:
+    """Only the job's own pods reach the job's pods, on any port; `scraper` reaches HTTP_PORT alone.
+
+    No port list between the job's pods: besides HTTP_PORT, torchrun's store (TRAINER_MASTER_PORT)
+    and the weight-sync store (WEIGHT_SYNC_PORT), gloo and NCCL connect every pair of ranks on
+    ephemeral ports. The operator needs no rule: progress flows from the controller to the
+    operator's Service, never back (the chart's networkPolicy covers the operator's own pods).
+    """
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name}}}]}]
+    if scraper is not None:
+        ingress.append({"from": [scraper.peer()], "ports": [{"protocol": "TCP", "port": HTTP_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -152,20 +226,37 @@ def network_policy(job: JobRef) -> dict[str, Any]:
         "spec": {
             "podSelector": {"matchLabels": {LABEL_JOB: job.name}},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name}}}]},
-                {
-                    "from": [
-                        {
-                            "namespaceSelector": {},
-                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "forge-operator"}},
-                        }
-                    ],
-                    "ports": [{"port": HTTP_PORT}],
-                },
-            ],
+            "ingress": ingress,
         },
     }
+
+
+def run_claim(job: JobRef, spec: RLJobSpec) -> str | None:
+    """The claim that holds the run directory of the trainer and the controller; None: their own emptyDir."""
+    storage = spec.checkpoint.storage
+    if storage.empty_dir:
+        return None
+    return storage.claim_name or job.claim_name
+
+
+def checkpoint_claim(job: JobRef, spec: RLJobSpec) -> dict[str, Any] | None:
+    """The PersistentVolumeClaim the operator creates for the run directory; None when the job brings
+    its own claim or keeps the run directory in emptyDirs."""
+    storage = spec.checkpoint.storage
+    if storage.empty_dir or storage.claim_name:
+        return None
+    metadata = job.metadata(job.claim_name)
+    if storage.when_deleted == "Retain":
+        # No owner: the garbage collector leaves it when the RLJob goes. The uid says which run it held.
+        del metadata["ownerReferences"]
+        metadata["annotations"] = {f"{API_GROUP}/job-uid": job.uid}
+    body: dict[str, Any] = {
+        "accessModes": [storage.access_mode],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name:
+        body["storageClassName"] = storage.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": body}
 
 
 def pod_group(job: JobRef, spec: RLJobSpec) -> dict[str, Any] | None:
@@ -221,17 +312,32 @@ def pod(
         termination_log=TERMINATION_LOG,
         progress_url=f"{progress_url_base}/progress/{job.namespace}/{job.name}" if progress_url_base else "",
     )
+    # HOME is the writable emptyDir unless the role's env says otherwise (HOME_DIR's comment).
+    env = {"HOME": HOME_DIR, **env}
     env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items()) if k != contract.TOKEN]
     env_list.append(
         {"name": contract.TOKEN, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": TOKEN_KEY}}}
     )
     scheduling = spec.scheduling
     labels = {**job.labels(inst.role), LABEL_REPLICA: str(inst.replica), LABEL_GENERATION: str(restart_generation)}
+    claim = run_claim(job, spec) if inst.role in STORAGE_ROLES else None
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # restarts follow spec.failurePolicy, decided by the operator
         "hostname": job.pod_name(inst),
         "subdomain": job.service_name,
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # no role talks to the API server (the operator does)
+        # Pod Security "restricted".
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            # Checkpoint claims hold many large files: change their group only when the root's is wrong,
+            # not every file on every mount.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [
             {
                 "name": inst.role,
@@ -248,10 +354,17 @@ def pod(
                 },
                 "terminationMessagePath": TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": role_spec.read_only_root_filesystem,
+                },
                 "volumeMounts": [
                     {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                     {"name": "run", "mountPath": RUN_DIR},
+                    {"name": "home", "mountPath": HOME_DIR},
+                    {"name": "tmp", "mountPath": TMP_DIR},
                     *[
                         {"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only}
                         | ({"subPath": v.sub_path} if v.sub_path else {})
@@ -263,7 +376,12 @@ def pod(
         "volumes": [
             {"name": "spec", "configMap": {"name": job.config_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloaders need a large /dev/shm
-            {"name": "run", "emptyDir": {}},
+            # The trainer's and controller's run directory outlives the pod (STORAGE_ROLES).
+            {"name": "run", "persistentVolumeClaim": {"claimName": claim}}
+            if claim
+            else {"name": "run", "emptyDir": {}},
+            {"name": "home", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
             *[
                 {"name": v.name, "persistentVolumeClaim": {"claimName": v.claim_name, "readOnly": v.read_only}}
                 for v in spec.volumes
@@ -277,6 +395,17 @@ def pod(
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations]
     if scheduling.priority_class_name:
         pod_spec["priorityClassName"] = scheduling.priority_class_name
+    if inst.role == "controller" and claim and spec.checkpoint.storage.access_mode == "ReadWriteOnce":
+        # One node mounts a ReadWriteOnce claim: the controller joins trainer-0 there (the trainer
+        # spans one pod, kubernetes_problems refuses more). Trainer pods are created first.
+        trainer0 = {LABEL_JOB: job.name, LABEL_ROLE: "trainer", LABEL_REPLICA: "0"}
+        pod_spec["affinity"] = {
+            "podAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"labelSelector": {"matchLabels": trainer0}, "topologyKey": "kubernetes.io/hostname"}
+                ]
+            }
+        }
     gang_labels, gang_annotations, gang_scheduler = _gang_markers(job, spec)
     if scheduling.scheduler_name or gang_scheduler:
         pod_spec["schedulerName"] = scheduling.scheduler_name or gang_scheduler

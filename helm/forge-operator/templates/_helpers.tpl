@@ -9,8 +9,7 @@
 {{- end -}}
 {{- end -}}
 
-{{/* Pod selector. app.kubernetes.io/name is fixed: each job's NetworkPolicy admits pods labelled
-app.kubernetes.io/name=forge-operator (kubeforge_operator/resources.py). */}}
+{{/* Pod selector. */}}
 {{- define "forge-operator.selectorLabels" -}}
 app.kubernetes.io/name: forge-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -60,6 +59,9 @@ ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator crea
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [create]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, create, delete]  # spec.checkpoint.storage: the claim of each job's run directory
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [create]
@@ -69,4 +71,13 @@ ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator crea
 - apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
   resources: [podgroups]
   verbs: [create]
+{{- end -}}
+
+{{/* A label map as the operator's --scraper-* flags take it: k=v,k2=v2 (keys sorted). */}}
+{{- define "forge-operator.labelPairs" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $pairs -}}
 {{- end -}}
