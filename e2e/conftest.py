@@ -1,7 +1,10 @@
-"""A real control plane for the operator's tests: etcd, kube-apiserver, kube-controller-manager,
+"""A real cluster for the operator's tests: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and KWOK GPU nodes, built from Go modules by testbed/build.sh and started by
-testbed/start-cluster.sh on 127.0.0.1. KWOK plays the kubelet: pods reach Running, and a pod
-labelled kwok.kubeforge.dev/fail=true (or succeed=true) ends Failed (or Succeeded)."""
+testbed/start-cluster.sh. KWOK plays the kubelet of the fake GPU nodes: pods reach Running, and a
+pod labelled kwok.kubeforge.dev/fail=true (or succeed=true) ends Failed (or Succeeded).
+Beside them runs one real node (testbed/start-node.sh: kubelet, containerd, CNI, kube-proxy,
+kube-router, CoreDNS, local-path-provisioner) that runs real containers; it is tainted, so only
+pods that ask for it land there (test_real_node.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,17 @@ NODES = 2  # x 8 GPUs each
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Start the control plane once per session; yields the admin kubeconfig path."""
-    workdir = tmp_path_factory.mktemp("cluster")
+def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cluster's work dir: kubeconfig, cluster.env, logs/, node/ (testbed/start-cluster.sh)."""
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_dir: Path) -> Iterator[Path]:
+    """Start the control plane and the real node once per session; yields the admin kubeconfig path."""
+    workdir = cluster_dir
     try:
-        kubeconfig = start_cluster(workdir, NODES)
+        kubeconfig = start_cluster(workdir, NODES, KUBEFORGE_REAL_NODE="1")
     except RuntimeError as e:
         pytest.fail(str(e))
     try:

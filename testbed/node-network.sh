@@ -9,8 +9,8 @@
 # nothing on this machine's own network changes but one veth end and one route. The node has no
 # default route: its pods can reach each other, Services and the API server, and nothing else.
 #
-# Slot KUBEFORGE_NODE_SLOT (default 0, 0..63) picks the addresses, so that two clusters can
-# each have a node at once:
+# The slot (KUBEFORGE_NODE_SLOT, 0..63; default: the first one no running cluster holds) picks
+# the addresses, so that several clusters can each have a node at once:
 #   host end  10.245.<slot>.1/30   kube-apiserver binds and advertises this
 #   node end  10.245.<slot>.2/30   the node's InternalIP: kubelet, CoreDNS
 #   pods      10.244.<slot>.0/24   the bridge CNI's range, routed from the host through the node
@@ -39,19 +39,29 @@ teardown() { # teardown SLOT: delete the namespace (with its veth end, bridge, r
 
 case "$action" in
 up)
-  slot="${KUBEFORGE_NODE_SLOT:-0}"
-  [[ "$slot" =~ ^[0-9]+$ ]] && (( slot < 64 )) || die "KUBEFORGE_NODE_SLOT must be 0..63, not '$slot'"
-  for tool in ip nsenter iptables; do
+  for tool in ip nsenter iptables flock; do
     command -v "$tool" >/dev/null || die "needs '$tool' (testbed/node-packages.sh installs it)"
   done
   mkdir -p "$claims"
-  if [[ -f "$claims/slot-$slot" ]]; then
-    owner="$(cat "$claims/slot-$slot")"
-    if [[ "$owner" != "$wd" && -s "$owner/pids" ]]; then
-      die "slot $slot is taken by the cluster in $owner (stop it with stop-cluster.sh $owner, or set KUBEFORGE_NODE_SLOT)"
-    fi
-    log "reclaiming slot $slot from $owner (no cluster runs there)"
+  exec 8> "$claims/.lock"
+  flock 8   # one claim at a time, so that two clusters starting together never pick the same slot
+  taken() { # taken SLOT: claimed by another cluster that still runs
+    local owner
+    [[ -f "$claims/slot-$1" ]] || return 1
+    owner="$(cat "$claims/slot-$1")"
+    [[ "$owner" != "$wd" && -s "$owner/pids" ]]
+  }
+  if [[ -n "${KUBEFORGE_NODE_SLOT:-}" ]]; then
+    slot="$KUBEFORGE_NODE_SLOT"
+    [[ "$slot" =~ ^[0-9]+$ ]] && (( slot < 64 )) || die "KUBEFORGE_NODE_SLOT must be 0..63, not '$slot'"
+    taken "$slot" && die "slot $slot is taken by the cluster in $(cat "$claims/slot-$slot") (stop it with stop-cluster.sh, or leave KUBEFORGE_NODE_SLOT unset to take a free one)"
+  else
+    slot=0
+    while taken "$slot"; do
+      (( ++slot < 64 )) || die "all 64 node slots are taken by running clusters (see $claims)"
+    done
   fi
+  [[ -f "$claims/slot-$slot" ]] && log "reclaiming slot $slot from $(cat "$claims/slot-$slot") (no cluster runs there)"
   teardown "$slot"
   printf '%s\n' "$wd" > "$claims/slot-$slot"
 

@@ -139,3 +139,19 @@ class Ledger:
     def episodes(self) -> list[tuple[int, int, State, int | None]]:
         """Every episode as (position, sample, state, policy version), in order."""
         return [(p, s, state, self._version.get((p, s))) for (p, s), state in sorted(self._state.items())]
+
+    def exactness_problems(self, positions: int, group: int) -> list[str]:
+        """What keeps this ledger from being exact for a finished run over stream positions
+        0..positions-1 with `group` samples each: every episode there once and trained, none
+        else. Empty when exact (an episode listed twice is refused already by from_json)."""
+        want = {(p, s) for p in range(positions) for s in range(group)}
+        have = set(self._state)
+        problems = []
+        if missing := sorted(want - have):
+            problems.append(f"{len(missing)} episode(s) missing, first {missing[0]}")
+        if extra := sorted(have - want):
+            problems.append(f"{len(extra)} episode(s) beyond the run, first {extra[0]}")
+        if untrained := sorted(e for e in want & have if self._state[e] is not State.TRAINED):
+            e = untrained[0]
+            problems.append(f"{len(untrained)} episode(s) not trained, first {e} ({self._state[e].value})")
+        return problems
