@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create the environment if missing, run the example job on this machine
-#   make test   create the environment if missing, run the whole test suite
+#   make test   create the environment, the test cluster's binaries and the images if missing,
+#               run the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -52,8 +53,9 @@ $(TINY_MODEL)/config.json: | $(ENV_STAMP)
 run: env $(TINY_MODEL)/config.json
 	$(VENV)/bin/kubeforge run $(JOB)
 
+# The real-node tests (e2e/test_real_node.py) run the images `make images` builds.
 # pytest exits 5 when it collects nothing: say so instead of failing.
-test: env testbed
+test: env testbed images
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

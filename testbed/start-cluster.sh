@@ -136,34 +136,12 @@ current-context: kubeforge
 EOF
 chmod 600 "$kc"
 
-# start NAME ARGS...: run $bin/NAME in the background, log to logs/NAME.log, record the PID
-# and the resolved binary path (stop-cluster.sh checks it against /proc/PID/exe).
-start() {
-  local name="$1"; shift
-  "$bin/$name" "$@" > "$wd/logs/$name.log" 2>&1 < /dev/null &
-  local pid=$!
-  printf '%s %s %s\n' "$name" "$pid" "$(readlink -f "$bin/$name")" >> "$wd/pids"
-  log "$name started (pid $pid)"
-}
-alive() { # alive NAME: the recorded process still runs
-  local pid; pid=$(awk -v n="$1" '$1==n{print $2}' "$wd/pids")
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null
-}
-# wait_for NAME DESCRIPTION COMMAND...: poll COMMAND until it succeeds (component must stay alive).
-wait_for() {
-  local name="$1" what="$2"; shift 2
-  local deadline=$(( $(date +%s) + timeout ))
-  until "$@" >/dev/null 2>&1; do
-    alive "$name" || fail "$name" "exited while waiting for $what"
-    (( $(date +%s) < deadline )) || fail "$name" "timed out after ${timeout}s waiting for $what"
-    sleep 0.5
-  done
-  log "$name: $what"
-}
-curl_api() { curl -sf --max-time 5 --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" "$@"; }
+launcher=()
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 
 # ---- etcd --------------------------------------------------------------------------
-start etcd \
+start etcd "$bin/etcd" \
   --name=kubeforge \
   --data-dir="$wd/etcd-data" \
   --listen-client-urls="http://127.0.0.1:$p_etcd" \
@@ -179,7 +157,7 @@ etcd_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$p_etcd/health" | grep 
 wait_for etcd "healthy" etcd_healthy
 
 # ---- kube-apiserver ----------------------------------------------------------------
-start kube-apiserver \
+start kube-apiserver "$bin/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$p_etcd" \
   --bind-address="$api_ip" \
   --advertise-address="$api_ip" \
@@ -205,7 +183,7 @@ start kube-apiserver \
 wait_for kube-apiserver "ready (/readyz)" curl_api "$api/readyz"
 
 # ---- kube-controller-manager and kube-scheduler ------------------------------------
-start kube-controller-manager \
+start kube-controller-manager "$bin/kube-controller-manager" \
   --kubeconfig="$kc" \
   --authentication-kubeconfig="$kc" \
   --authorization-kubeconfig="$kc" \
@@ -218,7 +196,7 @@ start kube-controller-manager \
   --cluster-signing-key-file="$pki/ca.key" \
   --use-service-account-credentials=false \
   --profiling=false
-start kube-scheduler \
+start kube-scheduler "$bin/kube-scheduler" \
   --kubeconfig="$kc" \
   --authentication-kubeconfig="$kc" \
   --authorization-kubeconfig="$kc" \
@@ -233,7 +211,7 @@ wait_for kube-scheduler "healthy (/healthz)" healthz "$p_sched"
 # ---- kwok ----------------------------------------------------------------------------
 # No --node-port/--server-address: kwok serves nothing. Pod/node IPs below are only
 # written into object statuses; nothing ever connects to them.
-start kwok \
+start kwok "$bin/kwok" \
   --kubeconfig="$kc" \
   --config="$here/kwok-stages.yaml" \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \

@@ -49,27 +49,9 @@ sock="$node_dir/containerd.sock"
 # A unix socket path has at most 107 bytes.
 (( ${#sock} < 100 )) || fail setup "WORKDIR is too deep for a unix socket path ($sock)"
 
-# start NAME BINARY ARGS...: run BINARY in the node's network namespace; record pid and binary
-# (nsenter execs the binary, so the pid is the binary's own).
-start() {
-  local name="$1" exe="$2"; shift 2
-  nsenter --net="/var/run/netns/$NODE_NETNS" "$exe" "$@" > "$wd/logs/$name.log" 2>&1 < /dev/null &
-  local pid=$!
-  printf '%s %s %s\n' "$name" "$pid" "$(readlink -f "$exe")" >> "$wd/pids"
-  log "$name started (pid $pid)"
-}
-alive() { local pid; pid=$(awk -v n="$1" '$1==n{print $2}' "$wd/pids" | tail -n1); [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; }
-wait_for() {
-  local name="$1" what="$2"; shift 2
-  local deadline=$(( $(date +%s) + timeout ))
-  until "$@" >/dev/null 2>&1; do
-    alive "$name" || fail "$name" "exited while waiting for $what"
-    (( $(date +%s) < deadline )) || fail "$name" "timed out after ${timeout}s waiting for $what"
-    sleep 0.5
-  done
-  log "$name: $what"
-}
-curl_api() { curl -sf --max-time 10 --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" "$@"; }
+launcher=(nsenter --net="/var/run/netns/$NODE_NETNS")
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 apply_json() { # apply_json PATH BODY: create (409 = exists is fine)
   local code
   code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \
