@@ -84,7 +84,8 @@ def test_default_render(tmp_path: Path) -> None:
     pod = deployment["spec"]["template"]
     c = container(objects)
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert c["image"] == f"kubeforge/operator:{chart['appVersion']}"
+    # The tag `make images` builds (images/tags.py); tests/test_images.py checks values.yaml names it.
+    assert c["image"] == f"kubeforge/operator:{yaml.safe_load((CHART / 'values.yaml').read_text())['image']['tag']}"
     # Images are tagged with the package version (docs/images.md), so appVersion must follow it.
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert chart["appVersion"] == version, f"helm/forge-operator/Chart.yaml appVersion must be {version}"

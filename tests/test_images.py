@@ -304,3 +304,115 @@ def test_pins_takes_vllms_requirements_from_the_wheel_without_the_torch_family(t
     assert {"transformers", "numba", "xgrammar"} <= names
     # Markers stay for pip to evaluate on the image's platform.
     assert any(line.startswith("xgrammar==") and "platform_machine" in line for line in lines)
+
+
+# -- images/tags.py: the names `make images` builds, and every place that names them --------------
+
+
+def _tags_module():
+    spec = importlib.util.spec_from_file_location("kubeforge_image_tags", REPO / "images" / "tags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TAGS = _tags_module()
+# kubeforge/operator, kubeforge/runtime-cpu, kubeforge/runtime-cuda, and the old kubeforge/runtime.
+IMAGE_NAME = re.compile(r"kubeforge/(operator|runtime(?:-cpu|-cuda)?)\b(?::([A-Za-z0-9_.${}-]+))?")
+
+
+def test_tags_are_version_and_hash_never_latest():
+    version = PYPROJECT["project"]["version"]
+    for image in TAGS.IMAGES:
+        ref = TAGS.ref(image)
+        assert re.fullmatch(rf"kubeforge/{image}:{re.escape(version)}-[0-9a-f]{{12}}", ref), ref
+    assert len({TAGS.tag(image) for image in TAGS.IMAGES}) == len(TAGS.IMAGES)
+
+
+def test_every_image_name_in_the_repository_is_what_make_images_builds():
+    """spec.image's default, the chart, the CRD, the examples and the docs name the tags images/tags.py
+    computes: a dependency change that moves a tag fails here until they are updated (docs/images.md).
+    Tests may name images that do not exist on purpose (a bad image), so tests are not read."""
+    refs = {image: TAGS.ref(image) for image in TAGS.IMAGES}
+    built_tag = re.compile(r"latest|[0-9]+\.[0-9]+\.[0-9]+[^-]*-[0-9a-f]{12}")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    wrong = []
+    for name in filter(None, listed):
+        path = REPO / name
+        if name.startswith("tests/") or path.name.startswith("test_") or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for match in IMAGE_NAME.finditer(text):
+            image, tag = match.groups()
+            if image == "runtime":
+                wrong.append(f"{name}: {match.group(0)} (no such image: runtime-cpu or runtime-cuda)")
+            elif tag and built_tag.fullmatch(tag) and match.group(0) != refs[image]:
+                wrong.append(f"{name}: {match.group(0)} (make images builds {refs[image]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_defaults_name_the_built_images():
+    from kubeforge.spec import RLJobSpec
+
+    assert RLJobSpec.model_fields["image"].default == TAGS.ref("runtime-cpu")
+    import yaml
+
+    values = yaml.safe_load((REPO / "helm/forge-operator/values.yaml").read_text())["image"]
+    assert f"{values['repository']}:{values['tag']}" == TAGS.ref("operator")
+    for example in ("apps/grpo/qwen3_1_7b.yaml", "apps/sft/llama3_8b.yaml"):  # GPU jobs
+        assert yaml.safe_load((REPO / example).read_text())["spec"]["image"] == TAGS.ref("runtime-cuda"), example
+
+
+def _fake_repo(tmp_path: Path) -> Path:
+    """The files images/tags.py reads, with a one-file runtime/, apps/ and operator/."""
+    images = [str(p.relative_to(REPO)) for p in REPO.glob("images/**/*") if p.is_file() and "__pycache__" not in str(p)]
+    for name in ["pyproject.toml", "README.md", "LICENSE", *images]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    for tree in ("runtime/kubeforge", "apps/grpo", "operator/kubeforge_operator"):
+        (tmp_path / tree).mkdir(parents=True)
+        (tmp_path / tree / "__init__.py").write_text("x = 1\n")
+    return tmp_path
+
+
+def test_a_code_change_rebuilds_under_the_same_tag_a_pin_change_moves_the_tag(tmp_path):
+    repo = _fake_repo(tmp_path)
+    tags = {image: TAGS.tag(image, repo) for image in TAGS.IMAGES}
+    keys = {image: TAGS.key(image, repo) for image in TAGS.IMAGES}
+    assert tags == {image: TAGS.tag(image) for image in TAGS.IMAGES}, "the tag reads only environment inputs"
+
+    (repo / "apps/grpo/__init__.py").write_text("x = 2\n")  # code: same tags, new keys for the runtimes
+    (repo / "runtime/kubeforge/__pycache__").mkdir()
+    (repo / "runtime/kubeforge/__pycache__/a.pyc").write_bytes(b"bytecode is not an input")
+    assert {image: TAGS.tag(image, repo) for image in TAGS.IMAGES} == tags
+    assert TAGS.key("runtime-cpu", repo) != keys["runtime-cpu"] and TAGS.key("operator", repo) == keys["operator"]
+
+    pyproject = (repo / "pyproject.toml").read_text()
+    (repo / "pyproject.toml").write_text(pyproject + "\n[tool.not-a-pin]\nx = 1\n")  # tool settings: no new tag
+    assert TAGS.tag("runtime-cpu", repo) == tags["runtime-cpu"]
+    (repo / "pyproject.toml").write_text(pyproject.replace('"torch==2.13.0"', '"torch==2.13.1"'))
+    assert TAGS.tag("runtime-cpu", repo) != tags["runtime-cpu"] and TAGS.tag("operator", repo) == tags["operator"]
+    (repo / "images/base.sh").write_text((repo / "images/base.sh").read_text() + "\n# a base change\n")
+    assert TAGS.tag("operator", repo) != tags["operator"]
+
+
+@pytest.mark.parametrize("dockerfile", PARSED, ids=lambda d: d.name)
+def test_pip_index_can_be_handed_in_and_home_is_set(dockerfile):
+    """make images points pip at its wheelhouse through PIP_INDEX_URL (PyPI by default); HOME is where
+    the image writes caches, so a read-only root filesystem needs only HOME, /tmp and the run dir."""
+    build_args = [i.args for i in dockerfile.instructions if i.keyword == "ARG" and 0 < i.stage < max(
+        j.stage for j in dockerfile.instructions)]  # fmt: skip
+    assert "PIP_INDEX_URL=https://pypi.org/simple" in build_args, f"{dockerfile.path}: ARG PIP_INDEX_URL in build"
+    env = " ".join(i.args for i in dockerfile.final("ENV"))
+    assert "HOME=/home/kubeforge" in env and "PYTHONDONTWRITEBYTECODE=1" in env
+
+
+def test_build_scripts_parse():
+    for script in ("images/build.sh", "images/base.sh"):
+        result = subprocess.run(["bash", "-n", REPO / script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    assert "images:" in (REPO / "Makefile").read_text() and "image-cuda:" in (REPO / "Makefile").read_text()

@@ -429,7 +429,12 @@ class RLJobSpec(Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
-    image: str = Field("kubeforge/runtime:latest", min_length=1, description="Default container image.")
+    image: str = Field(
+        "kubeforge/runtime-cpu:0.1.0-aef2ffab61ea",
+        min_length=1,
+        description="Default container image for every role: the CPU runtime image that `make images` builds. "
+        "GPU jobs name the CUDA image (kubeforge/runtime-cuda, docs/images.md) here or per role.",
+    )
     volumes: list[VolumeSpec] = Field(default_factory=list, description="PVCs mounted in every pod.")
     env: EnvVars = Field(default_factory=dict, description="Environment variables for every role.")
     suspend: bool = Field(False, description="True deletes the pods and keeps the job; false resumes it.")
