@@ -66,3 +66,14 @@ def test_a_resume_keeps_the_metrics_rows_up_to_its_checkpoint(minimal_job, tmp_p
     assert kept == rows[:6]
     assert [json.loads(line) for line in job.metrics_path.read_text().splitlines()] == rows[:6]
     assert job.begin_metrics(None) == [] and job.metrics_path.read_text() == ""  # a fresh start: none of them
+
+
+def test_progress_shows_the_newest_held_out_reward_even_when_evaluations_finish_late(minimal_job, tmp_path: Path):
+    job = Job(controller_context(minimal_job, tmp_path))
+    job.record({"step": 5, "policy_version": 5, "reward_mean": 0.2, "eval_reward": 0.4})
+    job.record({"step": 10, "policy_version": 10, "reward_mean": 0.5})
+    assert (job.progress.step, job.progress.held_out_reward, job.progress.held_out_step) == (10, 0.4, 5)
+    job.record({"step": 10, "eval_reward": 0.9})  # the evaluation after step 10, done while step 11 ran
+    job.record({"step": 11, "policy_version": 11, "reward_mean": 0.6})
+    job.record({"step": 5, "eval_reward": 0.1})  # a stale one never replaces a newer one
+    assert (job.progress.step, job.progress.held_out_reward, job.progress.held_out_step) == (11, 0.9, 10)

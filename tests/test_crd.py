@@ -51,7 +51,14 @@ def test_crd_carries_names_columns_and_status():
     assert (names["kind"], names["plural"], names["shortNames"]) == ("RLJob", "rljobs", ["rlj"])
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Reward", "Restarts", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Step",
+        "Reward",
+        "Held-out",
+        "Restarts",
+        "Age",
+    ]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["model"]
     assert spec["properties"]["algorithm"]["x-kubernetes-preserve-unknown-fields"] is True

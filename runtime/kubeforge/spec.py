@@ -504,6 +504,10 @@ class Progress(Model):
     step: int = 0
     policy_version: int = 0
     reward_mean: float | None = None
+    held_out_reward: float | None = Field(
+        None, description="Mean reward on the held-out split at the newest evaluation (the learning signal)."
+    )
+    held_out_step: int | None = Field(None, description="The step that evaluation followed.")
     weight_sync_seconds: float | None = None
     updated_at: str | None = None
 

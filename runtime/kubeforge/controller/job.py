@@ -116,9 +116,15 @@ class Job:
         policy_version: int | None = None,
         reward_mean: float | None = None,
         weight_sync_seconds: float | None = None,
+        held_out_reward: float | None = None,
     ) -> None:
-        """Publish progress: the launcher and the operator show it as the job's status."""
-        updates = {"step": step, "updated_at": datetime.now(UTC).isoformat()}
+        """Publish progress: the launcher and the operator show it as the job's status.
+
+        `held_out_reward` is the evaluation after `step`; it replaces the one shown unless that
+        one followed a later step (evaluations may finish out of order)."""
+        updates: dict[str, Any] = {"step": max(step, self.progress.step), "updated_at": datetime.now(UTC).isoformat()}
+        if held_out_reward is not None and step >= (self.progress.held_out_step or 0):
+            updates |= {"held_out_reward": held_out_reward, "held_out_step": step}
         for key, value in (
             ("policy_version", policy_version),
             ("reward_mean", reward_mean),
@@ -159,13 +165,17 @@ class Job:
             for state, count in episodes.items():
                 EPISODES.labels(**self._labels, state=state).set(count)
         step = row.get("step")
+        held_out = row.get("eval_reward") if _number(row.get("eval_reward")) else None
         if _number(step) and step >= self.progress.step:
             self.report(
                 int(step),
                 policy_version=row.get("policy_version"),
                 reward_mean=row.get("reward_mean"),
                 weight_sync_seconds=row.get("sync_seconds"),
+                held_out_reward=held_out,
             )
+        elif _number(step) and held_out is not None:
+            self.report(int(step), held_out_reward=held_out)
 
     async def _push(self) -> None:
         """Send the newest progress to the operator, at most once a second; a lost report is
