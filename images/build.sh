@@ -21,7 +21,8 @@
 #    default to PyPI; nothing of this machine is baked into them.
 # 5. docker build (the legacy builder: BuildKit's frontend image cannot be pulled here), then
 #    docker save to $CACHE/tars/IMAGE_TAG.tar. Unless KUBEFORGE_IMAGES_KEEP=1 the image is then
-#    removed from the daemon: the tarball is the one copy (the runtime images are GBs).
+#    removed from the daemon: the tarball is the one copy (the runtime images are GBs). Not in a
+#    daemon named by KUBEFORGE_DOCKER_HOST: its images are its owner's.
 #
 # Progress goes to stderr with elapsed seconds; the LAST lines on stdout are `REF TARBALL`, one per
 # image, for `ctr -n k8s.io images import TARBALL` (testbed) or `docker load -i TARBALL`.
@@ -231,7 +232,8 @@ EOF
     for old in "$cache/tars/${image}"_*.tar; do
       [[ "$old" == "${tarball[$image]}" ]] || rm -f "$old" "$old.key"
     done
-    if [[ "$keep" != 1 ]]; then
+    # Only in the daemon started for this build: another daemon's images are its owner's.
+    if [[ "$keep" != 1 && -z "${KUBEFORGE_DOCKER_HOST:-}" ]]; then
       docker image rm "${ref[$image]}" > /dev/null
       docker image prune --force > /dev/null  # the untagged build stages
     fi
