@@ -82,8 +82,11 @@ cleanup() {
     kill -TERM "$pid" 2>/dev/null || continue
     for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   done
-  # dockerd leaves its network namespace bind-mounted in its exec-root.
-  if [[ -n "${dockerd_pid:-}" && "$keep" != 1 ]]; then umount "$run/exec/netns/default" 2>/dev/null || true; fi
+  # dockerd can leave its network namespace and its data-root bind-mounted behind it.
+  if [[ -n "${dockerd_pid:-}" && "$keep" != 1 ]] && ! kill -0 "$dockerd_pid" 2>/dev/null; then
+    umount "$run/exec/netns/default" 2>/dev/null || true
+    if mountpoint -q "$cache/docker"; then umount "$cache/docker" 2>/dev/null || true; fi
+  fi
 }
 
 if [[ ${#todo[@]} -gt 0 ]]; then
