@@ -9,10 +9,11 @@
 #    When $CACHE/tars/IMAGE_TAG.tar exists with that key beside it, the image is up to date and
 #    nothing below runs for it: no daemon, no build.
 # 2. A dockerd of its own (unless KUBEFORGE_DOCKER_HOST names one): data in $CACHE/docker, state,
-#    pidfile and socket in /run/kubeforge-images. No bridge, no iptables rules (builds run with
-#    --network host), so nothing else on the machine is touched. Stopped by its pid when the build
-#    ends; KUBEFORGE_IMAGES_KEEP=1 leaves it running (and the built images in it, for layer reuse
-#    on the next code change; stop it with `kill $(cat /run/kubeforge-images/dockerd.pid)`).
+#    pidfile and socket in /run/kubeforge-images (another cache: -HASH). No bridge, no iptables
+#    rules (builds run with --network host), so nothing else on the machine is touched. Stopped
+#    by its pid when the build ends; KUBEFORGE_IMAGES_KEEP=1 leaves it running (and the built
+#    images in it, for layer reuse on the next code change; stop it with
+#    `kill $(cat /run/kubeforge-images/dockerd.pid)`).
 # 3. Bases: images/base.sh (debootstrap of Debian 12), imported as kubeforge/base-FLAVOUR:bookworm-HASH
 #    and kept in the daemon's data-root, so a second run reuses them.
 # 4. A wheelhouse: the host's pip (its own settings: index, certificate) downloads or builds every
@@ -38,7 +39,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 cache="${KUBEFORGE_IMAGES_CACHE:-$HOME/.cache/kubeforge-images}"
 export KUBEFORGE_IMAGES_CACHE="$cache"
+# The daemon's socket, pidfile and state; another cache dir gets a daemon of its own.
 run=/run/kubeforge-images
+[[ "$cache" == "$HOME/.cache/kubeforge-images" ]] || run="$run-$(printf %s "$cache" | sha256sum | cut -c1-8)"
 keep="${KUBEFORGE_IMAGES_KEEP:-0}"
 if [[ -n "${KUBEFORGE_PYTHON:-}" ]]; then pip_python="$KUBEFORGE_PYTHON"
 elif [[ -x .venv/bin/python ]]; then pip_python=.venv/bin/python
