@@ -36,7 +36,7 @@ testbed:
 # The operator and CPU runtime images from images/, on a Debian base made with debootstrap, pip
 # packages from a wheelhouse made here; each saved as a docker-archive tarball in
 # ~/.cache/kubeforge-images/tars. The last stdout lines are `REF TARBALL` per image.
-# docs/images.md: about 15 minutes cold on 2 cores, seconds when cached.
+# docs/images.md: about 7 minutes cold on 2 cores, under a second when nothing changed.
 images:
 	@images/build.sh
 
