@@ -358,6 +358,7 @@ def test_checkpoints_hold_model_optimizer_and_counters(trainer, tiny):
     assert saved["step"] == 3 and saved["policy_version"] == 3
     path = Path(saved["path"])
     assert sorted(p.name for p in path.parent.iterdir()) == ["step-2", "step-3"]
+    assert (path / "COMPLETE").is_file()  # written last: the checkpoint counts (trainer/checkpoint.py)
     status = trainer.http.get("/status").json()
     assert status["checkpoint"] == str(path) and status["app_state"] == {"data_position": 42}
 

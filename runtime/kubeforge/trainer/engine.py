@@ -30,6 +30,7 @@ from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
 from kubeforge.losses import LOSSES, Normalise, Normalisers, choose, policy_loss
 from kubeforge.reference.model import load_frozen
+from kubeforge.trainer import checkpoint as checkpoints
 from kubeforge.trainer import model as policy
 from kubeforge.trainer.commands import STOP, Command, CommandChannel
 from kubeforge.trainer.settings import TrainerSettings
@@ -37,9 +38,11 @@ from kubeforge.weight_sync import WeightSender
 
 log = logging.getLogger("kubeforge.trainer")
 
-CHECKPOINT_PREFIX = "step-"
-APP_STATE_FILE = "app_state.json"  # the controller's own state (data position, ...), saved with the checkpoint
-TOTALS_FILE = "trainer_totals.json"  # the trainer's running totals (rows by staleness), saved with the checkpoint
+# On-disk checkpoints (all or nothing, a COMPLETE marker last) live in checkpoint.py.
+CHECKPOINT_PREFIX = checkpoints.CHECKPOINT_PREFIX
+APP_STATE_FILE = checkpoints.APP_STATE_FILE
+TOTALS_FILE = checkpoints.TOTALS_FILE
+completed_checkpoints = checkpoints.completed_checkpoints
 
 
 class PublishError(RuntimeError):
@@ -66,12 +69,6 @@ def check_tokens(batch: TrainBatch, vocab: int, max_length: int) -> None:
         raise BatchError(f"input_ids: token ids must lie in [0, {vocab}), the model's vocabulary")
     if batch.input_ids.shape[1] > max_length:
         raise BatchError(f"input_ids: {batch.input_ids.shape[1]} positions; the model takes at most {max_length}")
-
-
-def completed_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints DCP finished writing (its .metadata file comes last), oldest first."""
-    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / ".metadata").exists()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 class Trainer:
@@ -122,7 +119,9 @@ class Trainer:
             load_frozen(self.model_dir, mesh, device, param_dtype) if reference.enabled and reference.colocate else None
         )
 
-        resume = self._agree(completed_checkpoints(self.checkpoint_dir)[-1:])
+        # The newest checkpoint whose every part is durable; rank 0 logs the newer ones it skipped.
+        newest = checkpoints.newest(self.checkpoint_dir) if self.rank == 0 else None
+        resume = self._agree([newest] if newest else [])
         if resume:
             self.load_checkpoint(resume[0])
         else:
@@ -345,17 +344,20 @@ class Trainer:
         """DCP checkpoint of model, optimizer, step and policy version (plus the app's state, if given)."""
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if path != self.last_checkpoint:
+            if self.rank == 0 and path.exists():
+                # Left by a save that crashed (incomplete, skipped on resume): start it afresh.
+                log.warning("replacing %s (%s)", path, checkpoints.check(path) or "from another run of this step")
+                checkpoints.remove(path)
+            dist.barrier()
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optimizer_state, "trainer": self._counters()}
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(state, checkpoint_id=str(path))  # every rank's files fsynced, .metadata last
         if self.rank == 0:
-            (path / TOTALS_FILE).write_text(json.dumps({"staleness": self.staleness_totals()}))
-            if app_state is not None:
-                (path / APP_STATE_FILE).write_text(json.dumps(app_state))
-        dist.barrier()  # DCP's coordinator has written .metadata: the checkpoint is complete
+            # The small parts through a temporary file and a rename, then COMPLETE, last.
+            checkpoints.commit(path, totals=self.staleness_totals(), app_state=app_state)
+        dist.barrier()  # COMPLETE is written: the checkpoint counts
         if self.rank == 0 and path != self.last_checkpoint:
-            for old in completed_checkpoints(self.checkpoint_dir)[: -self.ctx.spec.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoints.prune(self.checkpoint_dir, self.ctx.spec.checkpoint.keep)
             log.info("checkpoint %s (policy version %d)", path, self.policy_version)
         self.last_checkpoint = path
         return path
@@ -378,7 +380,7 @@ class Trainer:
 
     def app_state(self) -> dict[str, Any] | None:
         """What the controller saved with the checkpoint this trainer resumed from or last wrote."""
-        path = self.last_checkpoint and self.last_checkpoint / APP_STATE_FILE
+        path = self.last_checkpoint and checkpoints.app_state_file(self.last_checkpoint)
         return json.loads(path.read_text()) if path and path.exists() else None
 
     # -- weights in the generator's names ---------------------------------------------------------
