@@ -155,6 +155,10 @@ def test_role_scores_a_batch_and_counts_it(reward_role):
     assert 'kubeforge_reward_items_total{job="test",namespace="default",replica="0",role="reward"} 2.0' in metrics
     bad = httpx.post(f"{url}/score", json={"items": [{"prompt": "a"}]})  # no completion
     assert bad.status_code == 422
+    # More completions than one request may carry (kubeforge/limits.py): 400, and the role keeps serving.
+    many = httpx.post(f"{url}/score", json={"items": [{"prompt": "a", "completion": "a"}] * 16385}, timeout=60)
+    assert many.status_code == 400 and "at most 16384 per request (MAX_SCORE_ITEMS)" in many.json()["detail"]
+    assert asyncio.run(call())["rewards"] == pytest.approx([1.5, 1 / 3 + 0.25])
 
 
 def test_a_raising_reward_is_an_error_response_not_a_number(reward_role):

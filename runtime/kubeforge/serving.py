@@ -23,6 +23,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, disable_created_metrics, generate_latest
 
+from kubeforge import limits
 from kubeforge.contract import HTTP_PORT, RoleContext
 
 log = logging.getLogger("kubeforge.role")
@@ -56,12 +57,72 @@ def configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the role's own log
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limits.max_body_bytes(path)` is answered 413, unread.
+
+    A declared Content-Length over the limit is refused before any byte is read; a body without
+    one (chunked) is read up to the limit and refused as soon as it passes it.
+    """
+
+    def __init__(self, app: Callable, limit: Callable[[str], int] = limits.max_body_bytes):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, send, int(declared), limit)
+        if declared is not None:  # the server (h11) delivers no more than it declares
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await self._refuse(scope, send, size, limit, at_least=more)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    @staticmethod
+    async def _refuse(scope: dict, send: Callable, size: int, limit: int, at_least: bool = False) -> None:
+        name = "MAX_BATCH_BODY_BYTES" if limit == limits.MAX_BATCH_BODY_BYTES else "MAX_BODY_BYTES"
+        detail = (
+            f"request body is {'more than ' if at_least else ''}{size} bytes; {scope['path']} takes at most "
+            f"{limit} ({name} in kubeforge/limits.py)"
+        )
+        await JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})(
+            scope, _replay([]), send
+        )
+
+
+def _replay(messages: list[dict], then: Callable | None = None) -> Callable:
+    """An ASGI receive that gives `messages`, then defers to `then` (or reports a disconnect)."""
+    queue = list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 class RoleServer:
     """A role's FastAPI app with the health, readiness and metrics routes every role serves."""
 
     def __init__(self, ctx: RoleContext):
         self.ctx = ctx
         self.app = FastAPI(title=f"kubeforge {ctx.role}", docs_url=None, redoc_url=None)
+        self.app.add_middleware(BodyLimit)  # every route's body is bounded (kubeforge/limits.py)
         self._not_ready = "starting"
         # Role-specific last words (the controller's final progress), added to the termination log.
         self.final_status: dict[str, object] = {}

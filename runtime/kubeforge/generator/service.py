@@ -24,7 +24,7 @@ from typing import Literal
 from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubeforge import serving
+from kubeforge import limits, serving
 from kubeforge.generator import metrics, wire
 from kubeforge.weight_sync import ParamSpec
 
@@ -45,6 +45,32 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+
+def check_limits(request: GenerateRequest, max_model_len: int) -> None:
+    """Refuse (400, naming the limit) a request over a bound of kubeforge/limits.py or the model's length."""
+    prompts, n = len(request.prompt_token_ids), request.n
+    if prompts > limits.MAX_PROMPTS:
+        raise HTTPException(400, f"{prompts} prompts; at most {limits.MAX_PROMPTS} per request (MAX_PROMPTS)")
+    if n > limits.MAX_N:
+        raise HTTPException(400, f"n is {n}; at most {limits.MAX_N} samples per prompt (MAX_N)")
+    if prompts * n > limits.MAX_SAMPLES:
+        raise HTTPException(
+            400, f"{prompts} prompts x n {n} = {prompts * n} samples; at most {limits.MAX_SAMPLES} (MAX_SAMPLES)"
+        )
+    if request.max_tokens > max_model_len:
+        raise HTTPException(
+            400, f"max_tokens is {request.max_tokens}; the model's length (max_model_len) is {max_model_len}"
+        )
+    if request.seed is not None and not limits.SEED_MIN <= request.seed <= limits.SEED_MAX - (prompts - 1):
+        raise HTTPException(
+            400,
+            f"seed is {request.seed}; seed and seed + {prompts - 1} (one per prompt) must be int64 "
+            f"[{limits.SEED_MIN}, {limits.SEED_MAX}] (SEED_MIN, SEED_MAX)",
+        )
+    stops = len(request.stop_token_ids or ())
+    if stops > limits.MAX_STOP_TOKEN_IDS:
+        raise HTTPException(400, f"{stops} stop_token_ids; at most {limits.MAX_STOP_TOKEN_IDS} (MAX_STOP_TOKEN_IDS)")
 
 
 class WeightInitRequest(BaseModel):
@@ -93,6 +119,7 @@ class Generator:
 
     async def generate(self, request: GenerateRequest) -> bytes:
         self._check_usable()
+        check_limits(request, self.engine.model_config.max_model_len)
         self._check_prompts(request.prompt_token_ids)
         self._count_inflight(+1)
         try:

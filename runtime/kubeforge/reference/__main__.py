@@ -11,7 +11,7 @@ import asyncio
 
 from fastapi import HTTPException, Request, Response
 
-from kubeforge import serving
+from kubeforge import limits, serving
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.reference.client import CONTENT_TYPE, encode_logprobs
 from kubeforge.reference.replica import ReferenceModel
@@ -28,6 +28,7 @@ async def run(server: serving.RoleServer) -> None:
             raise HTTPException(401, "reference POST routes need the job token (Authorization: Bearer ...)")
         try:
             batch = TrainBatch.decode(await request.body())
+            limits.check_rows(batch.rows)
             reference.check(batch)
         except BatchError as e:
             raise HTTPException(400, f"bad batch: {e}") from None

@@ -10,7 +10,7 @@ from fastapi import HTTPException
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubeforge import serving
+from kubeforge import limits, serving
 from kubeforge.rewards import functions
 
 log = logging.getLogger("kubeforge.rewards")
@@ -53,6 +53,10 @@ async def run(server: serving.RoleServer) -> None:
 
     @server.app.post("/score")
     async def score(request: ScoreRequest) -> dict[str, Any]:
+        if len(request.items) > limits.MAX_SCORE_ITEMS:
+            raise HTTPException(
+                400, f"{len(request.items)} items; at most {limits.MAX_SCORE_ITEMS} per request (MAX_SCORE_ITEMS)"
+            )
         items = [item.model_dump() for item in request.items]
         REQUESTS.labels(**labels).inc()
         with LATENCY.labels(**labels).time():

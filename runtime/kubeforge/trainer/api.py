@@ -26,7 +26,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 
-from kubeforge import serving
+from kubeforge import limits, serving
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.trainer.commands import Command
 from kubeforge.trainer.engine import PublishError, Trainer
@@ -127,7 +127,9 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
         authorize(request)
         body = await request.body()
         try:
-            trainer.check(TrainBatch.decode(body))  # shape, vocabulary, loss name, staleness
+            batch = TrainBatch.decode(body)
+            limits.check_rows(batch.rows)
+            trainer.check(batch)  # shape, vocabulary, loss name, staleness
         except BatchError as e:
             raise HTTPException(400, f"bad batch: {e}") from None
         return body
