@@ -20,18 +20,42 @@ def _response(body: dict[str, Any]) -> MagicMock:
 
 
 class FakeCluster:
-    """Only what one reconcile pass calls; pods are created into `pods`, refusals raised."""
+    """Only what one reconcile pass calls; pods are created into `pods`, the job's other objects into
+    `objects` (by kind and name, readable back), refusals raised."""
 
     def __init__(self, refuse: int | None = None, patch_fails: bool = False):
         self.pods: list[dict[str, Any]] = []
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.patches: list[dict[str, Any]] = []
         self.deleted: list[str] = []
         self.refuse, self.patch_fails = refuse, patch_fails
         self.core, self.net, self.custom = MagicMock(), MagicMock(), MagicMock()
         self.core.list_namespaced_pod.side_effect = lambda *a, **k: _response({"items": self.pods})
         self.core.create_namespaced_pod.side_effect = self._create_pod
+        for kind, create, read in (
+            ("Secret", self.core.create_namespaced_secret, self.core.read_namespaced_secret),
+            ("ConfigMap", self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            ("Service", self.core.create_namespaced_service, None),
+            ("NetworkPolicy", self.net.create_namespaced_network_policy, None),
+            ("PersistentVolumeClaim", self.core.create_namespaced_persistent_volume_claim, None),
+        ):
+            create.side_effect = self._create_object
+            if read is not None:
+                read.side_effect = lambda name, namespace, kind=kind, **_: self._read(kind, name)
         self.core.delete_namespaced_pod.side_effect = lambda name, *a, **k: self.deleted.append(name) or MagicMock()
         self.custom.patch_namespaced_custom_object_status.side_effect = self._patch
+
+    def _create_object(self, namespace: str, obj: dict[str, Any], **_: Any) -> MagicMock:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.objects:
+            raise ApiException(status=409, reason="Conflict")
+        self.objects[key] = obj
+        return MagicMock()
+
+    def _read(self, kind: str, name: str) -> MagicMock:
+        if (kind, name) not in self.objects:
+            raise ApiException(status=404, reason="Not Found")
+        return _response(self.objects[(kind, name)])
 
     def _create_pod(self, namespace: str, pod: dict[str, Any], **_: Any) -> MagicMock:
         if self.refuse:
@@ -57,10 +81,13 @@ def _body(minimal_job: dict[str, Any], status: dict[str, Any] | None = None, **s
     }
 
 
-def _pass(cluster: FakeCluster, body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    """One pass; the status as stored afterwards (merge patch applied) and the Events posted."""
+def _pass(
+    cluster: FakeCluster, body: dict[str, Any], reconciler: Reconciler | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """One pass (by a new reconciler, as after an operator restart, unless one is given); the status as
+    stored afterwards (merge patch applied) and the Events posted."""
     events: list[tuple[str, str, str]] = []
-    reconciler = Reconciler(cluster.core, cluster.net, cluster.custom)
+    reconciler = reconciler or Reconciler(cluster.core, cluster.net, cluster.custom)
     reconciler.reconcile(body, event=lambda *e: events.append(e))
     stored = dict(body["status"])
     for patch in cluster.patches:

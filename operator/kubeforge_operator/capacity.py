@@ -15,6 +15,7 @@ from kubeforge import contract
 from kubeforge.spec import RLJobSpec
 from kubernetes import client
 
+from kubeforge_operator.api import REQUEST_TIMEOUT
 from kubeforge_operator.resources import GPU_RESOURCE
 
 
@@ -25,7 +26,7 @@ def _gpus(quantity: Any) -> int:
 def free_gpus(core: client.CoreV1Api) -> dict[str, tuple[int, dict[str, str]]]:
     """GPUs free on each ready, schedulable node: name -> (free GPUs, node labels)."""
     nodes = {}
-    for node in core.list_node().items:
+    for node in core.list_node(_request_timeout=REQUEST_TIMEOUT).items:
         ready = any(c.type == "Ready" and c.status == "True" for c in (node.status.conditions or []))
         if not ready or node.spec.unschedulable:
             continue
@@ -33,7 +34,10 @@ def free_gpus(core: client.CoreV1Api) -> dict[str, tuple[int, dict[str, str]]]:
             _gpus((node.status.allocatable or {}).get(GPU_RESOURCE)),
             node.metadata.labels or {},
         ]
-    for pod in core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed").items:
+    running = core.list_pod_for_all_namespaces(
+        field_selector="status.phase!=Succeeded,status.phase!=Failed", _request_timeout=REQUEST_TIMEOUT
+    )
+    for pod in running.items:
         if pod.spec.node_name in nodes:
             for c in pod.spec.containers:
                 limits = (c.resources.limits or {}) if c.resources else {}

@@ -6,6 +6,12 @@ status older than its own last patch), reconciles in a worker thread (the Kubern
 then waits until one of the job's pods changes or RESYNC_SECONDS pass. Level-triggered: a
 missed event costs at most one resync. The daemons are coroutines, not threads, so thousands
 of jobs cost no thread each; only the short reconcile passes use a thread pool.
+
+The daemon does not die of the API server's trouble: an ApiException is logged and the pass retried at
+the next resync; a transport error (a timeout: every call has one, kubeforge_operator.api; a refused or
+dropped connection) ends the daemon with kopf's TemporaryError, and kopf starts it again after
+RESYNC_SECONDS. Any other exception is retried by kopf too (`backoff`). Only when the RLJob is gone, or
+the daemon is stopped, do the job's metrics and its progress token go.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubeforge_operator import metrics, progress
+from kubeforge_operator.api import REQUEST_TIMEOUT, TRANSPORT_ERRORS
 from kubeforge_operator.reconcile import Reconciler
 from kubeforge_operator.resources import LABEL_JOB
 
@@ -79,7 +86,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
     host, _, port = memo.get("progress_listen", "").rpartition(":")
     if port:
-        memo.progress_server = await progress.serve(progress.ProgressReceiver(core, memo.custom), host, int(port))
+        memo.progress_receiver = progress.ProgressReceiver(core, memo.custom)
+        memo.progress_server = await progress.serve(memo.progress_receiver, host, int(port))
 
 
 @kopf.on.cleanup()
@@ -93,11 +101,25 @@ def _reconcile_once(
     memo: kopf.Memo, namespace: str, name: str, known: dict[str, Any] | None, logger: logging.Logger
 ) -> tuple[bool, str | None]:
     """One pass on `known`, or on the RLJob read now if None. (False, _) once the RLJob is gone; else
-    (True, the resourceVersion of the newest RLJob this pass saw or wrote)."""
+    (True, the resourceVersion of the newest RLJob this pass saw or wrote). A transport error is
+    kopf.TemporaryError: kopf retries the daemon after RESYNC_SECONDS."""
+    try:
+        return _reconcile_pass(memo, namespace, name, known, logger)
+    except TRANSPORT_ERRORS as e:
+        raise kopf.TemporaryError(
+            f"the API server did not answer ({type(e).__name__}: {e}); retrying", delay=RESYNC_SECONDS
+        ) from e
+
+
+def _reconcile_pass(
+    memo: kopf.Memo, namespace: str, name: str, known: dict[str, Any] | None, logger: logging.Logger
+) -> tuple[bool, str | None]:
     body = known
     if body is None:
         try:
-            body = memo.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            body = memo.custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as e:
             if e.status == 404:
                 return False, None
@@ -115,11 +137,16 @@ def _reconcile_once(
     return True, written or body["metadata"].get("resourceVersion")
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0)
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0, backoff=RESYNC_SECONDS)
 async def reconcile_job(
     name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
     poke = _poke_for(namespace, name)
+    uid = body["metadata"]["uid"]
+    receiver: progress.ProgressReceiver | None = memo.get("progress_receiver")
+    if receiver is not None:
+        receiver.track(namespace, name, uid)
+    gone = False  # the RLJob is gone, or kopf stopped the daemon: not a failure that kopf retries
     # `body` is kopf's live copy, updated by the watch. A pass may act on it when it is exactly the
     # version the previous pass saw or wrote (so never older than this loop's own last status patch);
     # on the first pass it is as fresh as a read; otherwise (the watch has not caught up with the patch,
@@ -139,13 +166,22 @@ async def reconcile_job(
             )
             alive, seen = await asyncio.get_running_loop().run_in_executor(memo.executor, in_context)
             if not alive:
+                gone = True
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(poke.wait(), timeout=RESYNC_SECONDS)
                 await asyncio.sleep(COALESCE_SECONDS)
+    except asyncio.CancelledError:
+        gone = True
+        raise
     finally:
-        metrics.observe_phase(namespace, name, None)
-        _pokes.pop((namespace, name), None)
+        # Raised otherwise (kopf.TemporaryError, or a bug kopf retries): the job is still there, and the
+        # next run of this daemon goes on with its metrics, its pokes and its token.
+        if gone:
+            metrics.observe_phase(namespace, name, None)
+            _pokes.pop((namespace, name), None)
+            if receiver is not None:
+                receiver.forget(namespace, name, uid)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})

@@ -3,6 +3,12 @@
 Roles never talk to the API server; the controller sends its progress (step, policy version,
 reward, weight-sync seconds) here, authenticated with the job's own token (the Secret the
 operator created), and the operator writes it into the RLJob's status.
+
+A token is good for one RLJob, not for a name: the cache is keyed by the job's uid, and a Secret is
+trusted only when that uid is its controller. The reconcile daemons tell the receiver which uid each
+job has now (`track`, and `forget` once it is gone); a job they have not told it about is read from the
+API server. A job deleted and re-created under the same name gets its new token accepted at once,
+and the old one refused.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 from datetime import UTC, datetime
 
@@ -19,7 +26,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubeforge_operator.resources import TOKEN_KEY, JobRef
+from kubeforge_operator.api import REQUEST_TIMEOUT, TRANSPORT_ERRORS
+from kubeforge_operator.resources import TOKEN_KEY, JobRef, controller_uid
 
 log = logging.getLogger("kubeforge_operator.progress")
 
@@ -28,31 +36,91 @@ class ProgressReceiver:
     def __init__(self, core: client.CoreV1Api, custom: client.CustomObjectsApi):
         self.core = core
         self.custom = custom
-        self._tokens: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> the uid of the RLJob of that name now, as its reconcile daemon saw it.
+        self._uids: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> (uid, token): the token of the RLJob with that uid.
+        self._tokens: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def track(self, namespace: str, name: str, uid: str) -> None:
+        """The RLJob `namespace/name` is the one with `uid` (its reconcile daemon started)."""
+        self._uids[(namespace, name)] = uid
+
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        """The RLJob with `uid` is gone: its token is no longer good."""
+        key = (namespace, name)
+        if self._uids.get(key) == uid:
+            del self._uids[key]
+        if key in self._tokens and self._tokens[key][0] == uid:
+            del self._tokens[key]
+
+    def _uid(self, namespace: str, name: str) -> str | None:
+        uid = self._uids.get((namespace, name))
+        if uid is not None:
+            return uid
+        # No daemon has said (the operator has just started, or the job is unknown): ask, uncached.
+        try:
+            job = self.custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return job["metadata"]["uid"]
 
     def _token(self, namespace: str, name: str) -> str | None:
         key = (namespace, name)
-        if key not in self._tokens:
-            try:
-                secret = self.core.read_namespaced_secret(JobRef(name, namespace, "").secret_name, namespace)
-            except ApiException as e:
-                if e.status == 404:
-                    return None
-                raise
-            self._tokens[key] = base64.b64decode(secret.data[TOKEN_KEY]).decode()
-        return self._tokens[key]
+        uid = self._uid(namespace, name)
+        if uid is None:
+            self._tokens.pop(key, None)
+            return None
+        cached = self._tokens.get(key)
+        if cached is not None and cached[0] == uid:
+            return cached[1]
+        secret_name = JobRef(name, namespace, uid).secret_name
+        try:
+            response = self.core.read_namespaced_secret(
+                secret_name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        try:
+            secret = json.loads(response.data)
+        finally:
+            response.release_conn()
+        if controller_uid(secret) != uid:
+            # An earlier job's, not yet collected, or someone else's: never a token for this job.
+            log.warning("%s/%s: Secret %s is not the RLJob's (uid %s); refused", namespace, name, secret_name, uid)
+            return None
+        token = base64.b64decode((secret.get("data") or {}).get(TOKEN_KEY, "")).decode()
+        if not token:
+            return None
+        self._tokens[key] = (uid, token)
+        return token
 
     def _patch(self, namespace: str, name: str, progress: Progress) -> None:
         body = progress.model_dump(by_alias=True, exclude_none=True)
         body["updatedAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": {"progress": body}}
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": {"progress": body}},
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     async def handle(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        expected = await asyncio.to_thread(self._token, namespace, name)
+        try:
+            expected = await asyncio.to_thread(self._token, namespace, name)
+        except (ApiException, *TRANSPORT_ERRORS) as e:
+            log.warning("%s/%s: cannot check the token: %s", namespace, name, e)
+            return web.json_response({"error": "cannot check the token now; retry"}, status=503)
         if expected is None or not hmac.compare_digest(given, expected):
             return web.json_response({"error": "unknown job or wrong token"}, status=401)
         try:

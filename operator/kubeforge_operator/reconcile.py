@@ -31,10 +31,15 @@ from kubernetes.client.exceptions import ApiException
 
 from kubeforge_operator import capacity, metrics, startup, stuck
 from kubeforge_operator import resources as r
+from kubeforge_operator.api import REQUEST_TIMEOUT
 
 log = logging.getLogger("kubeforge_operator")
 
 TERMINAL = ("Succeeded", "Failed")
+# The reason of a refusal to use a `<job>-token` Secret or `<job>-spec` ConfigMap this RLJob does not own.
+FOREIGN = "ForeignObject"
+# The reason of the Event about a job pod whose labels the operator cannot read (it is ignored).
+UNREADABLE_POD = "UnreadablePod"
 
 # Post a Kubernetes Event: (type, reason, message).
 EventSink = Callable[[str, str, str], None]
@@ -70,6 +75,10 @@ def _raise_if_refused(kind: str, name: str, error: ApiException) -> None:
         raise CreateRefused(diagnosis) from error
 
 
+class UnreadablePod(ValueError):
+    """A pod with the job's label whose role or replica label the operator cannot read."""
+
+
 @dataclass
 class PodView:
     """What the reconciler needs to know about one existing pod."""
@@ -92,11 +101,14 @@ class PodView:
         labels = meta.get("labels") or {}
         if r.LABEL_ROLE not in labels or r.LABEL_REPLICA not in labels:
             return None
+        replica = labels[r.LABEL_REPLICA]
+        if not (isinstance(replica, str) and replica.isascii() and replica.isdigit()):
+            raise UnreadablePod(f"label {r.LABEL_REPLICA}={replica!r} is not a replica number")
         status = pod.get("status") or {}
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         view = cls(
             name=meta["name"],
-            instance=Instance(labels[r.LABEL_ROLE], int(labels[r.LABEL_REPLICA])),
+            instance=Instance(labels[r.LABEL_ROLE], int(replica)),
             phase=status.get("phase") or "Pending",
             ready=conditions.get("Ready") == "True",
             terminating=meta.get("deletionTimestamp") is not None,
@@ -193,6 +205,8 @@ class Reconciler:
         self.custom = custom
         self.progress_url_base = progress_url_base
         self.scraper = scraper
+        # The uids of unreadable pods already reported: one log line and one Event per pod.
+        self._reported_pods: set[str] = set()
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -222,7 +236,7 @@ class Reconciler:
 
     def _reconcile(self, job: r.JobRef, body: dict[str, Any], status: Status, event: EventSink) -> None:
         phase = status.get("phase")
-        pods = self._pods(job)
+        pods = self._pods(job, event)
 
         if phase in TERMINAL:
             # Terminal jobs keep their status and never get children back; stop what still runs.
@@ -362,7 +376,8 @@ class Reconciler:
         """(pod, why) for every desired pod that is not Ready, in start order."""
         by_instance = {p.instance: p for p in live_pods}
         # A missing pod: the refusal the last pass recorded says why (a quota refuses them all alike).
-        refused = f": {last.why()}" if last and last.reason.startswith("Create") else ""
+        refused = f": {last.describe()}" if last and last.reason == FOREIGN else ""
+        refused = refused or (f": {last.why()}" if last and last.reason.startswith("Create") else "")
         not_ready = []
         for inst in desired:
             name, p = job.pod_name(inst), by_instance.get(inst)
@@ -491,32 +506,77 @@ class Reconciler:
             self._ignore(
                 404,
                 lambda: self.custom.delete_namespaced_custom_object(
-                    API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, _preload_content=False
+                    API_GROUP,
+                    API_VERSION,
+                    job.namespace,
+                    PLURAL,
+                    job.name,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
 
     # -- API -----------------------------------------------------------------------------------
 
-    def _pods(self, job: r.JobRef) -> list[PodView]:
+    def _pods(self, job: r.JobRef, event: EventSink) -> list[PodView]:
         # The raw JSON: building client models for every pod of every pass costs more than the rest of it.
         listed = _json(
             self.core.list_namespaced_pod(
-                job.namespace, label_selector=f"{r.LABEL_JOB}={job.name}", _preload_content=False
+                job.namespace,
+                label_selector=f"{r.LABEL_JOB}={job.name}",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         )
-        views = [PodView.of(p) for p in listed.get("items") or []]
-        return [v for v in views if v is not None]
+        views = []
+        for pod in listed.get("items") or []:
+            try:
+                view = PodView.of(pod)
+            except UnreadablePod as e:
+                # Not the operator's doing (someone labelled a pod by hand): reported once, then ignored,
+                # neither counted nor deleted. The job's own pods go on being reconciled.
+                meta = pod.get("metadata") or {}
+                key = meta.get("uid") or f"{job.namespace}/{meta.get('name')}"
+                if key not in self._reported_pods:
+                    self._reported_pods.add(key)
+                    message = f"pod {meta.get('name')} is ignored: {e}"
+                    log.warning("%s/%s: %s", job.namespace, job.name, message)
+                    event("Warning", UNREADABLE_POD, message)
+                continue
+            if view is not None:
+                views.append(view)
+        return views
 
     def _delete_pods(self, job: r.JobRef, pods: list[PodView]) -> None:
         for p in pods:
             self._ignore(
                 404,
                 lambda p=p: self.core.delete_namespaced_pod(
-                    p.name, job.namespace, grace_period_seconds=30, _preload_content=False
+                    p.name,
+                    job.namespace,
+                    grace_period_seconds=30,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
 
-    def _create(self, obj: dict[str, Any]) -> None:
+    def _check_owned(self, job: r.JobRef, obj: dict[str, Any]) -> bool:
+        """Whether `obj` (a desired Secret or ConfigMap) exists; raise CreateRefused if it does and this
+        RLJob's uid is not its controller."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        read = {"Secret": self.core.read_namespaced_secret, "ConfigMap": self.core.read_namespaced_config_map}[kind]
+        try:
+            existing = _json(read(name, job.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        if r.controller_uid(existing) != job.uid:
+            raise CreateRefused(stuck.Diagnosis(f"{kind} {name}", FOREIGN, foreign_message(job, kind, existing)))
+        return True
+
+    def _create(self, obj: dict[str, Any]) -> bool:
+        """Create `obj`; False if it existed already."""
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         create = {
             "Pod": self.core.create_namespaced_pod,
@@ -527,13 +587,14 @@ class Reconciler:
             "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
         }[kind]
         try:
-            response = create(ns, obj, _preload_content=False)
+            response = create(ns, obj, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as e:
             if e.status == 409:  # it exists already (an earlier pass, or an operator that died mid-reconcile)
-                return
+                return False
             _raise_if_refused(kind, obj["metadata"]["name"], e)
             raise
         _release(response)
+        return True
 
     def _ensure_pod_group(self, job: r.JobRef, spec: RLJobSpec) -> str:
         """Create the gang scheduler's PodGroup; an explanation if its CRD is missing, else ''."""
@@ -543,7 +604,13 @@ class Reconciler:
         api_group, version, plural = r.POD_GROUP_API[spec.scheduling.gang]
         try:
             response = self.custom.create_namespaced_custom_object(
-                api_group, version, job.namespace, plural, group, _preload_content=False
+                api_group,
+                version,
+                job.namespace,
+                plural,
+                group,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
             _release(response)
         except ApiException as e:
@@ -558,8 +625,14 @@ class Reconciler:
         return ""
 
     def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> None:
-        self._create(r.config_map(job, spec))
-        self._create(r.secret(job, secrets.token_hex(16)))
+        # The token and the spec are trusted by every pod of the job: one this RLJob does not own (left by
+        # someone else, or by an earlier job of the same name) is never used. Both are checked before
+        # anything is created, so a refused job gets nothing at all.
+        owned = [r.config_map(job, spec), r.secret(job, secrets.token_hex(16))]
+        absent = [obj for obj in owned if not self._check_owned(job, obj)]
+        for obj in absent:
+            if not self._create(obj):  # someone created it since the read
+                self._check_owned(job, obj)
         self._create(r.service(job))
         self._create(r.network_policy(job, self.scraper))
         if claim := r.checkpoint_claim(job, spec):
@@ -569,7 +642,14 @@ class Reconciler:
         """Patch the status; the RLJob's new resourceVersion, None if it is gone."""
         try:
             response = self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, job.namespace, PLURAL, job.name, {"status": patch}, _preload_content=False
+                API_GROUP,
+                API_VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                {"status": patch},
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as e:
             if e.status != 404:
@@ -587,6 +667,24 @@ class Reconciler:
                 raise
         else:
             _release(response)
+
+
+def foreign_message(job: r.JobRef, kind: str, existing: dict[str, Any]) -> str:
+    """Why an existing `<job>-token` or `<job>-spec` is not used, and what to do about it."""
+    meta = existing.get("metadata") or {}
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    if owner and owner.get("kind") == "RLJob" and owner.get("name") == job.name:
+        return (
+            f"exists and belongs to an earlier RLJob {job.name} (uid {owner.get('uid')}), not to this one "
+            f"(uid {job.uid}); it is not used. The garbage collector deletes it with that job, and the pods "
+            "are created once it is gone; if it stays, delete it"
+        )
+    held = f"{owner.get('kind')} {owner.get('name')} (uid {owner.get('uid')})" if owner else "no owner"
+    return (
+        f"exists and is not this RLJob's (its controller: {held}); it is not used and no pod is created. "
+        f"Delete it (kubectl -n {job.namespace} delete {kind.lower()} {meta.get('name')}), "
+        "or give the RLJob another name"
+    )
 
 
 def _release(response: Any) -> None:

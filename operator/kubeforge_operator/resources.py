@@ -115,6 +115,12 @@ class JobRef:
         return f"{self.name}-checkpoints-{self.uid[:8]}"
 
 
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the controller owner of `obj` (the API server's JSON), None if it has none."""
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((o.get("uid") for o in owners if o.get("controller")), None)
+
+
 @dataclass(frozen=True)
 class Scraper:
     """The Prometheus that may scrape the job pods' /metrics through each job's NetworkPolicy:

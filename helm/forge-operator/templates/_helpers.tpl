@@ -55,9 +55,12 @@ ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator crea
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]  # get: the progress receiver checks a job's token
+  verbs: [get, create]  # get: a job's token is checked (progress) and must be the job's own (no adoption)
 - apiGroups: [""]
-  resources: [services, configmaps]
+  resources: [configmaps]
+  verbs: [get, create]  # get: an existing <job>-spec must be the job's own (no adoption)
+- apiGroups: [""]
+  resources: [services]
   verbs: [create]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
