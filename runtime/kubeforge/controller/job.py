@@ -133,7 +133,7 @@ class Job:
             if value is not None:
                 updates[key] = value
         self.progress = self.progress.model_copy(update=updates)
-        STEP.labels(**self._labels).set(step)
+        STEP.labels(**self._labels).set(self.progress.step)
         POLICY_VERSION.labels(**self._labels).set(self.progress.policy_version)
         if reward_mean is not None:
             REWARD_MEAN.labels(**self._labels).set(reward_mean)
