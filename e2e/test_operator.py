@@ -326,6 +326,53 @@ def test_progress_pushed_by_the_controller_lands_in_status(namespace: str, opera
     assert (row["Step"], row["Reward"]) == (7, 0.5)
 
 
+def test_a_foreign_token_is_refused_and_a_re_created_job_gets_a_token_of_its_own(
+    namespace: str, operator: Operator
+) -> None:
+    # Issue 16, item 12: a <job>-token this RLJob does not own is refused, and nothing is created.
+    core = client.CoreV1Api()
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "grpo-token"}, "stringData": {"token": "planted"}})
+    create(namespace, job_body())
+    wait_for(
+        "ForeignObject in status",
+        lambda: (status(namespace, "grpo").get("stuck") or {}).get("reason") == "ForeignObject",
+        operator=operator,
+    )
+    assert status(namespace, "grpo")["stuck"]["pod"] == "Secret grpo-token"
+    assert not pods(namespace)
+    assert not core.list_namespaced_config_map(namespace, label_selector="kubeforge.dev/job=grpo").items
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=grpo").items
+    assert any(e.reason == "ForeignObject" and "grpo-token" in e.message for e in events)
+    url = f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
+    report = {"step": 1}
+    assert httpx.post(url, json=report, headers={"Authorization": "Bearer planted"}).status_code == 401
+    core.delete_namespaced_secret("grpo-token", namespace)
+    wait_for("phase Running", lambda: running(namespace), operator=operator)
+
+    # Item 14: deleted and re-created under the same name, the new job's token works and the old one not.
+    def token() -> str:
+        secret = core.read_namespaced_secret("grpo-token", namespace)
+        return base64.b64decode(secret.data["token"]).decode()
+
+    old = token()
+    assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {old}"}).status_code == 200
+    first_uid = get(namespace, "grpo")["metadata"]["uid"]
+    client.CustomObjectsApi().delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo")
+    wait_for(
+        "job gone",
+        lambda: not client.CustomObjectsApi().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
+        timeout=90,
+        operator=operator,
+    )
+    create(namespace, job_body())
+    wait_for("phase Running", lambda: running(namespace), timeout=120, operator=operator)
+    assert get(namespace, "grpo")["metadata"]["uid"] != first_uid
+    new = token()
+    assert new != old
+    assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {new}"}).status_code == 200
+    assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {old}"}).status_code == 401
+
+
 def test_scaling_generators_down_removes_the_extra_pod(namespace: str, operator: Operator) -> None:
     create(namespace, job_body())
     wait_for("phase Running", lambda: running(namespace), operator=operator)
