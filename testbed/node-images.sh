@@ -33,6 +33,27 @@ import() { # import ARCHIVE: unless this very file was imported before
   python3 -c 'import json, sys, tarfile; print(" ".join(json.load(tarfile.open(sys.argv[1]).extractfile("manifest.json"))[0]["RepoTags"]))' \
     "$tar" > "$stamps/$key"
   log "$(cat "$stamps/$key"): imported in $(( $(date +%s) - t0 ))s ($(du -h "$tar" | cut -f1))"
+  drop_other_tags "$(cat "$stamps/$key")"
+}
+
+# drop_other_tags REF...: remove the node's other tags of each REF's repository. The runtime
+# image is GBs; kept across clusters, every rebuild under a new tag would fill the disk.
+# containerd's garbage collector then frees their content and snapshots.
+drop_other_tags() {
+  local ref repo old
+  for ref in "$@"; do
+    ref="$(normalize "$ref")" repo="${ref%:*}"
+    for old in $(ctr --address "$sock" -n k8s.io images ls -q | grep -F "$repo:" | grep -vxF "$ref"); do
+      ctr --address "$sock" -n k8s.io images rm "$old" > /dev/null && log "$old: removed (superseded by $ref)"
+    done
+  done
+}
+normalize() { # docker.io/ prefix, as containerd names images
+  case "$1" in
+    */*/*|*.*/*) printf '%s' "$1" ;;
+    */*) printf 'docker.io/%s' "$1" ;;
+    *) printf 'docker.io/library/%s' "$1" ;;
+  esac
 }
 
 if (( $# == 0 )); then
