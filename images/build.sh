@@ -229,15 +229,14 @@ EOF
 
     step="save $image"
     started=$(date +%s)
+    # Every older tarball of this image is stale now (another tag, or this tag with another key):
+    # drop it before saving, so that the disk never holds two copies of a 7 GB image.
+    for old in "$cache/tars/${image}"_*.tar; do rm -f "$old" "$old.key"; done
     docker save -o "${tarball[$image]}.partial" "${ref[$image]}" || die "docker save ${ref[$image]}"
     chmod 644 "${tarball[$image]}.partial"  # docker save writes 0600; other users' tools read it
     mv "${tarball[$image]}.partial" "${tarball[$image]}"
     echo "${key[$image]}" > "${tarball[$image]}.key"
     log "$image: saved in $(( $(date +%s) - started )) s, $(du -m "${tarball[$image]}" | cut -f1) MiB: ${tarball[$image]}"
-    # Older tarballs of this image (another tag) are stale names: drop them.
-    for old in "$cache/tars/${image}"_*.tar; do
-      [[ "$old" == "${tarball[$image]}" ]] || rm -f "$old" "$old.key"
-    done
     # Only in the daemon started for this build: another daemon's images are its owner's.
     if [[ "$keep" != 1 && -z "${KUBEFORGE_DOCKER_HOST:-}" ]]; then
       docker image rm "${ref[$image]}" > /dev/null
