@@ -7,11 +7,11 @@ differs from float32 (0.11) on the same inputs.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from kubeforge.launcher import allocate_ports
 from kubeforge.tiny_model import CHARACTERS, VOCAB_SIZE, main, write_tiny_model
 from kubeforge.trainer import model as policy
 from safetensors.torch import load_file
@@ -101,9 +101,9 @@ def test_unsupported_configs_are_refused_by_name(tiny):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range, as the launcher picks them: a bind(0) port can be handed to another
+    # socket before the store listens on it, and the ranks then crash talking to a stranger.
+    return allocate_ports(["store"], None)["store"]
 
 
 def loaded_policy(model_dir, mesh, param_dtype: torch.dtype, activation_checkpointing: str = "none"):

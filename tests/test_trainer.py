@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from kubeforge import contract
 from kubeforge.batch import CONTENT_TYPE, BatchError, TrainBatch
-from kubeforge.launcher import local_environments
+from kubeforge.launcher import allocate_ports, local_environments
 from kubeforge.losses import policy_loss
 from kubeforge.spec import RLJobSpec
 from kubeforge.tiny_model import write_tiny_model
@@ -42,13 +41,8 @@ GOOD, BAD = "2", "7"  # the response the advantages reward, and the one they pun
 
 
 def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+    # Below the ephemeral range, as the launcher picks them (see tests/test_tiny_model.py).
+    return list(allocate_ports([str(i) for i in range(n)], None).values())
 
 
 def role_envs(tmp: Path, model_dir: Path, roles: dict, **spec_fields) -> dict[str, dict[str, str]]:

@@ -16,15 +16,15 @@ import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from kubeforge import weight_sync
+from kubeforge.launcher import allocate_ports
 from kubeforge.weight_sync import ParamSpec, WeightReceiver, WeightSender, plan_buckets, plan_digest
 
 CPU = torch.device("cpu")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range, as the launcher picks them (see tests/test_tiny_model.py).
+    return allocate_ports(["store"], None)["store"]
 
 
 def named_tensors() -> list[tuple[str, torch.Tensor]]:
