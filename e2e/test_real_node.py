@@ -399,11 +399,15 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
                 ).items
             ),
         )
-        wait_for(
-            "the first checkpoint on the job's claim",
-            lambda: any((run_dir / "checkpoints").glob("step-*/COMPLETE")),
-            timeout=900,
-        )
+        # Checkpoints count the trainer's steps: the supervised warm-up's, then GRPO's. Wait for one
+        # past the warm-up, so that the restarted controller has RL steps to resume from.
+        warmup = spec["algorithm"].get("warmupSteps", 0)
+
+        def past_warmup() -> bool:
+            done = (run_dir / "checkpoints").glob("step-*/COMPLETE")
+            return any(int(marker.parent.name.removeprefix("step-")) > warmup for marker in done)
+
+        wait_for("a checkpoint past the warm-up on the job's claim", past_warmup, timeout=900)
         # Live progress: the controller pushes it to the operator's progress Service as it goes.
         wait_for("the step in status while the job runs", lambda: progress().get("step", 0) > 0, timeout=120)
         for role in ("trainer-0", "generator-0", "controller-0"):
@@ -429,8 +433,7 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
     )
 
     # The storage outlived the pods: the final checkpoint, the metrics and the ledger are there.
-    # Checkpoints count the trainer's steps: the supervised warm-up's, then GRPO's.
-    final = run_dir / "checkpoints" / f"step-{spec['steps'] + spec['algorithm'].get('warmupSteps', 0)}"
+    final = run_dir / "checkpoints" / f"step-{spec['steps'] + warmup}"
     assert (final / "COMPLETE").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     steps_in_metrics = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert spec["steps"] in steps_in_metrics

@@ -194,6 +194,9 @@ def _publish_on_two_ranks(rank: int, port: int, model_dir, param_dtype: torch.dt
                 assert torch.equal(tensor.to(dtype), hf_state[name].to(dtype)), (rank, name, dtype)
                 seen.append(name)
             assert seen == names
+        # Neither rank tears gloo down while the other may still be in a collective: a rank that
+        # finished first and exited has aborted its peer ('terminate called without an active exception').
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
