@@ -1,5 +1,6 @@
-"""The math reward: answer extraction and equivalence on a hand-written case table, the sympy worker's
-timeout, and the `math` / `math_format` rewards served by the real reward role over HTTP."""
+"""The math reward: answer extraction and equivalence on a hand-written case table, the sympy sandbox
+(timeout, pool, environment), a batch of slow answers against its budget, and the `math` /
+`math_format` rewards served by the real reward role over HTTP."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from kubeforge.rewards import REGISTRY, RewardClient, RewardError
-from kubeforge.rewards import math as math_rewards
-from kubeforge.rewards.math import SympyWorker, answers_match, correctness, extract_answer, format_reward
+from kubeforge.rewards import REGISTRY, RewardClient, RewardError, sandbox
+from kubeforge.rewards.functions import from_algorithm
+from kubeforge.rewards.math import answers_match, correctness, extract_answer, format_reward
+from kubeforge.rewards.sandbox import SympyPool, SympyWorker, configured_workers, cpu_count
+from kubeforge.rewards.scoring import OUT_OF_BUDGET, score
 from test_rewards import reward_role  # noqa: F401 - the fixture that starts a real reward role
 
 HUGE = "9" * 5000  # past Python's int-parsing limit and MAX_ANSWER_CHARS
@@ -163,22 +166,89 @@ def test_the_rewards_are_registered():
 
 
 def test_a_pathological_expression_times_out_to_zero_and_the_worker_recovers(monkeypatch):
-    worker = SympyWorker(timeout=2.0)
-    monkeypatch.setattr(math_rewards, "_worker", worker)
+    pool = SympyPool(1, timeout=2.0)
+    monkeypatch.setattr(sandbox, "_pool", pool)
     try:
         assert answers_match("x+1", "1+x")  # warm: the child has started
         started = time.monotonic()
         assert not answers_match(r"9^{9^{9}}", "5")  # 9**387420489 would take minutes
         assert time.monotonic() - started < 10
-        assert worker.restarts == 1
+        assert pool.restarts == 1
         assert answers_match(r"2\sqrt{2}", "sqrt(8)")  # a fresh child answers
+        # A batch's deadline cuts a comparison short (the child is killed), and past it none begins.
+        started = time.monotonic()
+        assert not pool.equivalent("9**(9**(9))", "5", deadline=started + 0.5)
+        assert time.monotonic() - started < 1.5 and pool.restarts == 2
+        assert not pool.equivalent("x", "x", deadline=time.monotonic())
+        assert pool.restarts == 2 and pool.workers[0]._process is None  # no child was started for it
+    finally:
+        pool.close()
+
+
+# A comparison that takes the whole per-answer timeout: 9**387420489 takes minutes.
+SLOW = {"prompt": "q", "completion": r"\boxed{9^{9^{9}}}", "answer": "5"}
+MATH = from_algorithm({"rewards": [{"name": "math"}]})
+
+
+@pytest.fixture
+def slow_pool(monkeypatch):
+    """The process's sandbox: 2 children, started, that give up on a comparison after 1 s."""
+    pool = SympyPool(2, timeout=1.0)
+    pool.start()
+    monkeypatch.setattr(sandbox, "_pool", pool)
+    yield pool
+    pool.close()
+
+
+def test_the_slow_answers_of_a_batch_are_compared_in_parallel_children(slow_pool):
+    started = time.monotonic()
+    out = score(MATH, [SLOW] * 2, threads=2)
+    elapsed = time.monotonic() - started
+    assert out["rewards"] == [0.0] * 2 and out["reasons"] == [None] * 2  # too slow to compare: wrong, not unscored
+    assert slow_pool.restarts == 2  # each ran to its timeout in a child of its own, and that child was killed
+    # One child after the other: 1 s, a restart (about 1 s), 1 s.
+    assert elapsed < 1.9, f"{elapsed:.1f} s: the two 1 s timeouts did not overlap"
+
+
+def test_a_batch_of_slow_answers_ends_at_its_budget_with_the_rest_scored_zero_and_a_reason(slow_pool):
+    # 6 answers that would each take the whole 1 s timeout: 3 s and more on 2 children, in a 0.8 s budget.
+    items = [{"prompt": "q", "completion": r"\boxed{18}", "answer": "18"}] + [SLOW] * 6
+    started = time.monotonic()
+    out = score(MATH, items, threads=2, deadline=started + 0.8)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.2, f"{elapsed:.1f} s: the batch outlived its 0.8 s budget"
+    assert out["rewards"] == [1.0] + [0.0] * 6 and out["components"]["math"] == out["rewards"]
+    assert out["reasons"] == [None] + [OUT_OF_BUDGET] * 6
+    # The two comparisons running at the deadline were cut off there: their children killed, not left computing.
+    while slow_pool.restarts < 2 and time.monotonic() - started < 1.5:
+        time.sleep(0.01)
+    assert slow_pool.restarts == 2
+
+
+def test_the_pool_size_is_the_cpu_count_capped_or_reward_workers():
+    assert configured_workers({}) == min(cpu_count(), sandbox.DEFAULT_MAX_WORKERS) >= 1
+    assert configured_workers({"REWARD_WORKERS": " 3 "}) == 3
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(ValueError, match=rf"REWARD_WORKERS='{bad}': expected a whole number >= 1"):
+            configured_workers({"REWARD_WORKERS": bad})
+
+
+def test_a_sandbox_child_sees_no_credentials(monkeypatch):
+    monkeypatch.setenv("KUBEFORGE_TOKEN", "job-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")
+    worker = SympyWorker()
+    try:
+        worker.start()
+        environ = Path(f"/proc/{worker._process.pid}/environ").read_bytes()
+        assert b"secret" not in environ and b"PYTHONPATH=" in environ
+        assert worker.equivalent("x+1", "1+x")  # and it still compares
     finally:
         worker.close()
 
 
 def test_a_stuck_worker_dies_with_its_host_process():
     host_code = (
-        "from kubeforge.rewards.math import SympyWorker; w = SympyWorker(timeout=600); w.equivalent('x', 'x'); "
+        "from kubeforge.rewards.sandbox import SympyWorker; w = SympyWorker(timeout=600); w.equivalent('x', 'x'); "
         "print(w._process.pid, flush=True); w.equivalent('9**(9**(9))', '5')"
     )
     host = subprocess.Popen([sys.executable, "-c", host_code], stdout=subprocess.PIPE, text=True)

@@ -27,8 +27,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are int64 (torch.Generator.man
 # /train and /evaluate (trainer), /logprobs (reference): rows of one batch.
 MAX_TRAIN_ROWS = 16384
 
-# /score (reward role): completions scored per request.
+# /score (reward role): completions scored per request, and the time budget a request may ask for
+# (budget_seconds; the role's default is kubeforge.rewards.scoring.DEFAULT_BUDGET_S). An hour: a
+# replica is shared by its job's requests, and a batch that needs more is better split.
 MAX_SCORE_ITEMS = 16384
+MAX_SCORE_BUDGET_S = 3600.0
 
 
 def check_rows(rows: int) -> None:

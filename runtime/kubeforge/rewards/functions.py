@@ -2,12 +2,13 @@
 
 A reward function scores one completion: `fn(prompt, completion, answer) -> float`. Functions
 are registered by name; spec.algorithm.rewards picks which ones run and their weights, e.g.
-`rewards: [{name: correctness, weight: 1.0}, {name: format, weight: 0.1}]`.
+`rewards: [{name: correctness, weight: 1.0}, {name: format, weight: 0.1}]`. A batch is scored by
+kubeforge.rewards.scoring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,12 +88,3 @@ def from_algorithm(algorithm: dict[str, Any]) -> list[WeightedReward]:
             )
         rewards.append(WeightedReward(name, float(entry.get("weight", 1.0)), REGISTRY[name]))
     return rewards
-
-
-def score(rewards: Sequence[WeightedReward], items: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """{"rewards": weighted sums, "components": per-function raw scores}; a raising function raises."""
-    components = {
-        r.name: [float(r.fn(it["prompt"], it["completion"], it.get("answer", ""))) for it in items] for r in rewards
-    }
-    totals = [sum(r.weight * components[r.name][i] for r in rewards) for i in range(len(items))]
-    return {"rewards": totals, "components": components}

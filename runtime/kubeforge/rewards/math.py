@@ -10,30 +10,24 @@ Verification, cheapest first:
 - the same text once LaTeX dressing, units, `$` and trailing periods are gone;
 - numbers: exact rational equality (`0.5` = `1/2` = `\\frac{1}{2}`, `1,234` = `1234`, `-3` = `−3`), where
   `25%` also equals `0.25` when only one side is a percentage;
-- expressions: sympy, in a child process with a timeout (`2\\sqrt{2}` = `sqrt(8)`, `x+1` = `1+x`).
+- expressions: sympy, in a sandbox child process with a timeout (`2\\sqrt{2}` = `sqrt(8)`, `x+1` = `1+x`;
+  kubeforge.rewards.sandbox).
   Only a whitelisted grammar (digits, single-letter symbols, + - * / ^, parentheses and a few
   functions) ever reaches sympy's parser, because parsing evaluates; an answer longer than
-  MAX_ANSWER_CHARS, outside the grammar, or too slow to compare is simply wrong.
+  MAX_ANSWER_CHARS, outside the grammar, or too slow to compare (within sandbox.SYMPY_TIMEOUT_S and
+  before its batch's deadline) is simply wrong.
 
 Malformed model output never raises: it scores 0. A missing reference answer is a data error and raises.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
 from fractions import Fraction
-from pathlib import Path
-from typing import Any
+
+from kubeforge.rewards import sandbox, scoring
 
 MAX_ANSWER_CHARS = 200  # longer "answers" are not answers; also bounds the work per item
-SYMPY_TIMEOUT_S = 5.0  # per comparison; generous because the reward host may be busy
-SYMPY_MEMORY_BYTES = 2 << 30  # the child's address-space limit: a runaway power fails fast instead of swapping
 
 _BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # an escape (\{ is no brace), or a brace
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -234,7 +228,7 @@ def answers_match(predicted: str, reference: str) -> bool:
     ps, rs = _to_source(p), _to_source(r)
     if ps is None or rs is None:
         return False
-    return _sympy().equivalent(ps, rs)
+    return sandbox.pool().equivalent(ps, rs, deadline=scoring.batch_deadline())
 
 
 def correctness(prompt: str, completion: str, answer: str) -> float:
@@ -251,116 +245,3 @@ def correctness(prompt: str, completion: str, answer: str) -> float:
 def format_reward(prompt: str, completion: str, answer: str) -> float:
     """1 when the completion marks its final answer with `\\boxed{}` or `<answer>` tags, else 0."""
     return float(has_marked_answer(completion))
-
-
-# -- the sympy child process -----------------------------------------------------------------------
-
-
-def _serve(memory_bytes: int) -> None:
-    """The child's loop: a JSON line [source, source] on stdin -> "1" or "0" on stdout, until stdin closes."""
-    import resource
-
-    from kubeforge.launcher import _die_with_launcher
-
-    _die_with_launcher()  # SIGTERM when the reward role dies: a comparison stuck in sympy must not outlive it
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    import sympy
-    from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
-
-    replies, sys.stdout = sys.stdout, sys.stderr  # nothing sympy prints can corrupt the replies
-    names: dict[str, Any] = {n: getattr(sympy, n) for n in ("Integer", "Float", "Rational", "Symbol", "Function")}
-    names.update(sqrt=sympy.sqrt, pi=sympy.pi, oo=sympy.oo, log=sympy.log, exp=sympy.exp, sin=sympy.sin,
-                 cos=sympy.cos, tan=sympy.tan, __builtins__={})  # fmt: skip
-    transformations = (*standard_transformations, implicit_multiplication, rationalize)
-
-    def equivalent(a: str, b: str) -> bool:
-        x = parse_expr(a, global_dict=dict(names), transformations=transformations)
-        y = parse_expr(b, global_dict=dict(names), transformations=transformations)
-        return bool(x == y or sympy.simplify(x - y) == 0)
-
-    replies.write("ready\n")
-    replies.flush()
-    for line in sys.stdin:
-        try:
-            result = equivalent(*json.loads(line))
-        except Exception:  # whatever the model wrote, an unparseable answer is just wrong
-            result = False
-        replies.write("1\n" if result else "0\n")
-        replies.flush()
-
-
-class SympyWorker:
-    """One child process that compares expressions; a comparison that runs past `timeout` is False,
-    and the child is killed and replaced (threads cannot be stopped; processes can)."""
-
-    def __init__(self, *, timeout: float = SYMPY_TIMEOUT_S, memory_bytes: int = SYMPY_MEMORY_BYTES,
-                 start_timeout: float = 120.0):  # fmt: skip
-        self.timeout, self.memory_bytes, self.start_timeout = timeout, memory_bytes, start_timeout
-        self.restarts = 0
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        # A plain child process, not multiprocessing: that would re-import the host's __main__, and the
-        # reward role is threaded (fork is unsafe). Unbuffered pipes, so select() sees every reply.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
-        code = f"from kubeforge.rewards.math import _serve; _serve({self.memory_bytes})"
-        process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   env=env, bufsize=0)  # fmt: skip
-        if self._read(process, self.start_timeout) != b"ready":
-            process.kill()
-            process.wait()
-            raise RuntimeError(
-                f"math reward: the sympy worker ({sys.executable}) did not start within {self.start_timeout:.0f} s; "
-                "its error is in this process's stderr"
-            )
-        self._process = process
-        return process
-
-    @staticmethod
-    def _read(process: subprocess.Popen[bytes], timeout: float) -> bytes | None:
-        """One reply line, or None when the child stays silent for `timeout` seconds or dies."""
-        ready, _, _ = select.select([process.stdout], [], [], timeout)
-        line = process.stdout.readline() if ready else b""
-        return line.strip() if line.endswith(b"\n") else None
-
-    def _stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process.stdin.close()
-            self._process.stdout.close()
-        self._process = None
-
-    def equivalent(self, a: str, b: str) -> bool:
-        """Whether sympy finds the two whitelisted sources equal within the timeout."""
-        with self._lock:
-            process = self._process if self._process and self._process.poll() is None else self._start()
-            try:
-                process.stdin.write(json.dumps([a, b]).encode() + b"\n")
-                reply = self._read(process, self.timeout)
-            except BrokenPipeError:  # the child died on an earlier input
-                reply = None
-            if reply is not None:
-                return reply == b"1"
-            # Too slow, or killed by its memory limit: the input is at fault, not the service.
-            self._stop()
-            self.restarts += 1
-            return False
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
-
-
-_worker: SympyWorker | None = None
-_worker_lock = threading.Lock()
-
-
-def _sympy() -> SympyWorker:
-    """The process's worker, started on first use: most math answers are numbers and never need it."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = SympyWorker()
-        return _worker
