@@ -6,12 +6,26 @@ rank 0 of every node serves HTTP (the pod's probes and /metrics hit it); other l
 serve nothing and stop on SIGTERM from torchrun.
 """
 
+# ruff: noqa: E402 (the parent-death signal is set before the seconds of importing torch)
+
 from __future__ import annotations
+
+import os
+import signal
+
+from kubeforge import processes
+
+# torchrun starts each worker in a session of its own: neither the launcher's process group nor
+# its parent-death signal reaches it, and a worker that outlived torchrun would run on as an
+# orphan (issue 16). So a worker dies with torchrun. SIGKILL, not SIGTERM: torchrun's own
+# shutdown signals its workers and waits for them, so this fires only once torchrun is gone
+# without having done so, and a worker deaf to SIGTERM (busy in a step) is exactly the case.
+# Set first thing, to leave torchrun as little time as possible to die before it is in place.
+if __name__ == "__main__" and "TORCHELASTIC_RUN_ID" in os.environ:
+    processes.die_with_parent(signal.SIGKILL)
 
 import asyncio
 import logging
-import os
-import signal
 import threading
 
 from kubeforge import serving
