@@ -255,11 +255,14 @@ def test_every_api_call_of_a_pass_has_a_request_timeout(
 
 def test_the_capacity_gate_and_the_progress_receiver_have_request_timeouts(minimal_job: dict[str, Any]) -> None:
     cluster = FakeCluster()
+    # Without a watch-fed inventory (kubeforge_operator.inventory), the gate lists nodes and pods itself.
+    cluster.core.list_node.side_effect = lambda **_: _response({"items": []})
+    cluster.core.list_pod_for_all_namespaces.side_effect = lambda **_: _response({"items": []})
     minimal_job["spec"]["roles"] = {"trainer": {"gpusPerNode": 1}}
     body = _body(minimal_job)
     body["spec"]["scheduling"] = {"gang": "capacity"}
     Reconciler(cluster.core, cluster.net, cluster.custom).reconcile(body, event=lambda *e: None)
-    assert cluster.core.list_node.called
+    assert cluster.core.list_node.called and cluster.core.list_pod_for_all_namespaces.called
     api = FakeProgressApi()
     _reports(ProgressReceiver(api.core, api.custom), [lambda: api.run("demo", "u1", "t"), "t"])
     _assert_all_timed(cluster.core, cluster.net, cluster.custom, api.core, api.custom)

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(progress_listen=args.progress_listen, progress_url_base=args.progress_url_base, scraper=scraper),
+        memo=kopf.Memo(
+            progress_listen=args.progress_listen,
+            progress_url_base=args.progress_url_base,
+            scraper=scraper,
+            namespaces=[] if args.all_namespaces else args.namespace,  # where the gate reads admissions back
+        ),
     )
 
 

@@ -1,69 +1,100 @@
-"""The capacity gate for `scheduling.gang: capacity`: create no pod until all of them fit.
+"""The capacity gate's policy (`scheduling.gang: capacity`): admit a job only when all of its pods fit.
 
-Without a gang scheduler, a job whose pods start one by one can hold GPUs while it waits for
-the rest forever. The operator therefore checks that every pod of the job fits on the
-cluster's ready, schedulable nodes (allocatable GPUs minus those requested by running pods)
-before creating the first one. First-fit decreasing over nodes; a scheduler decides the
-real placement afterwards.
+Without a gang scheduler, a job whose pods start one by one can hold GPUs while it waits for the
+rest forever. The operator therefore admits a job (creates its first pod) only when every GPU pod
+of the job fits on the cluster's ready, schedulable nodes, after
+
+- the GPUs of every unfinished pod already on a node (any namespace, any owner), and
+- the GPUs of the pods of jobs admitted earlier that are not on a node yet: created and waiting for
+  the scheduler, or not created at all (the pass that admitted the job has not created them yet, or
+  a restart deleted them). A job counts as admitted from the pass the gate let it through until it
+  finishes, is suspended or is deleted.
+
+Counting only pods already on a node let two jobs created together both pass, each to end up with
+a part of its gang. The pods of earlier jobs are placed first, then the new job's, each list
+first-fit decreasing on the node with the most GPUs free; a scheduler decides the real placement
+afterwards. Pure: kubeforge_operator.inventory keeps the cluster's state and applies this.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge import contract
 from kubeforge.spec import RLJobSpec
-from kubernetes import client
 
-from kubeforge_operator.api import REQUEST_TIMEOUT
-from kubeforge_operator.resources import GPU_RESOURCE
-
-
-def _gpus(quantity: Any) -> int:
-    return int(str(quantity or "0"))
+# Phases of a job that holds no admission: it ended, or its pods were deleted by spec.suspend.
+NOT_ADMITTED_PHASES = ("Succeeded", "Failed", "Suspended")
 
 
-def free_gpus(core: client.CoreV1Api) -> dict[str, tuple[int, dict[str, str]]]:
-    """GPUs free on each ready, schedulable node: name -> (free GPUs, node labels)."""
-    nodes = {}
-    for node in core.list_node(_request_timeout=REQUEST_TIMEOUT).items:
-        ready = any(c.type == "Ready" and c.status == "True" for c in (node.status.conditions or []))
-        if not ready or node.spec.unschedulable:
-            continue
-        nodes[node.metadata.name] = [
-            _gpus((node.status.allocatable or {}).get(GPU_RESOURCE)),
-            node.metadata.labels or {},
-        ]
-    running = core.list_pod_for_all_namespaces(
-        field_selector="status.phase!=Succeeded,status.phase!=Failed", _request_timeout=REQUEST_TIMEOUT
-    )
-    for pod in running.items:
-        if pod.spec.node_name in nodes:
-            for c in pod.spec.containers:
-                limits = (c.resources.limits or {}) if c.resources else {}
-                nodes[pod.spec.node_name][0] -= _gpus(limits.get(GPU_RESOURCE))
-    return {name: (free, labels) for name, (free, labels) in nodes.items()}
+@dataclass(frozen=True)
+class Node:
+    """A ready, schedulable node: its allocatable GPUs and its labels."""
+
+    name: str
+    gpus: int
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
-def shortfall(core: client.CoreV1Api, spec: RLJobSpec) -> str:
-    """Why the job's pods do not all fit right now; empty when they do."""
-    wanted = sorted(
-        ((contract.gpus_for(spec, i.role), i) for i in contract.instances(spec) if contract.gpus_for(spec, i.role)),
-        key=lambda pair: -pair[0],
-    )
-    if not wanted:
-        return ""
-    nodes = free_gpus(core)
-    free = {name: gpus for name, (gpus, _) in nodes.items()}
-    for gpus, inst in wanted:
-        selector = {**spec.scheduling.node_selector, **getattr(spec.roles, inst.role).node_selector}
-        fits = [n for n, (_, labels) in nodes.items() if free[n] >= gpus and selector.items() <= labels.items()]
+@dataclass(frozen=True)
+class Need:
+    """One GPU pod of a job: the GPUs it asks for, on one node matching `selector`."""
+
+    pod: str  # the instance name (trainer-1): messages, and matching a pod that exists
+    gpus: int
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+
+def needs(spec: RLJobSpec) -> tuple[Need, ...]:
+    """Every pod of the job that holds GPUs, in start order."""
+    found = []
+    for inst in contract.instances(spec):
+        gpus = contract.gpus_for(spec, inst.role)
+        if gpus:
+            selector = {**spec.scheduling.node_selector, **getattr(spec.roles, inst.role).node_selector}
+            found.append(Need(inst.name, gpus, selector))
+    return tuple(found)
+
+
+def shortfall(nodes: Sequence[Node], used: Mapping[str, int], reserved: Sequence[Need], wanted: Sequence[Need]) -> str:
+    """Why `wanted` (a job's pods) does not fit now; empty when it does.
+
+    `used`: GPUs held per node by unfinished pods on it. `reserved`: the pods of jobs admitted earlier
+    that are on no node yet; they are placed first, and a new job waits while they do not all fit."""
+    free = {n.name: n.gpus - used.get(n.name, 0) for n in nodes}
+    labels = {n.name: n.labels for n in nodes}
+    free_now = sum(max(g, 0) for g in free.values())
+    held = sum(n.gpus for n in reserved)
+
+    def place(need: Need) -> bool:
+        fits = [n for n in free if free[n] >= need.gpus and need.selector.items() <= labels[n].items()]
         if not fits:
-            total = sum(g for g, _ in wanted)
+            return False
+        free[max(fits, key=lambda n: free[n])] -= need.gpus
+        return True
+
+    where = f"free now: {free_now} on {len(nodes)} ready nodes"
+    if held:
+        where += f", {held} of them held for {len(reserved)} pods of jobs admitted earlier that are on no node yet"
+    for need in sorted(reserved, key=lambda n: -n.gpus):
+        if not place(need):
+            return f"jobs admitted earlier wait for their GPUs first ({need.pod} of one needs {need.gpus}); {where}"
+    for need in sorted(wanted, key=lambda n: -n.gpus):
+        if not place(need):
+            total = sum(n.gpus for n in wanted)
             return (
-                f"the job needs {total} GPUs in {len(wanted)} pods ({inst.name} alone needs {gpus} on one node); "
-                f"free now: {sum(free.values())} on {len(nodes)} ready nodes"
+                f"the job needs {total} GPUs in {len(wanted)} pods ({need.pod} alone needs {need.gpus} on one node); "
+                f"{where}"
             )
-        best = max(fits, key=lambda n: free[n])
-        free[best] -= gpus
     return ""
+
+
+def admitted_before(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Whether a stored RLJob holds an admission (read back when an operator starts, or takes over):
+    a capacity-gated job whose status says the gate let it through and that has not ended since."""
+    gang = (spec.get("scheduling") or {}).get("gang", "capacity")
+    if gang != "capacity" or status.get("phase") in NOT_ADMITTED_PHASES:
+        return False
+    return any(c.get("type") == "Scheduled" and c.get("status") == "True" for c in status.get("conditions") or [])

@@ -11,7 +11,7 @@ The daemon does not die of the API server's trouble: an ApiException is logged a
 the next resync; a transport error (a timeout: every call has one, kubeforge_operator.api; a refused or
 dropped connection) ends the daemon with kopf's TemporaryError, and kopf starts it again after
 RESYNC_SECONDS. Any other exception is retried by kopf too (`backoff`). Only when the RLJob is gone, or
-the daemon is stopped, do the job's metrics and its progress token go.
+the daemon is stopped, do the job's metrics, its progress token and its capacity admission go.
 """
 
 from __future__ import annotations
@@ -27,19 +27,24 @@ from typing import Any
 
 import kopf
 from kubeforge.spec import API_GROUP, API_VERSION, PLURAL
+from kubeforge.validation import SpecError, parse_spec
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge_operator import metrics, progress
+from kubeforge_operator import capacity, inventory, metrics, progress
 from kubeforge_operator.api import REQUEST_TIMEOUT, TRANSPORT_ERRORS
 from kubeforge_operator.reconcile import Reconciler
-from kubeforge_operator.resources import LABEL_JOB
+from kubeforge_operator.resources import LABEL_JOB, JobRef
+
+log = logging.getLogger("kubeforge_operator")
 
 RESYNC_SECONDS = 10.0
 # Reconcile passes wait on the API server most of the time; more threads keep more requests in flight.
 RECONCILE_THREADS = 16
 # After a poke, wait this long for the pod events that usually follow, then reconcile once.
 COALESCE_SECONDS = 0.05
+# How long start-up waits for the inventory's first lists; a pending job waits for them after that.
+INVENTORY_SYNC_SECONDS = 60.0
 
 # (namespace, job) -> set when something about the job's pods changed.
 _pokes: dict[tuple[str, str], asyncio.Event] = {}
@@ -80,8 +85,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     configuration.connection_pool_maxsize = RECONCILE_THREADS + 8
     api = client.ApiClient(configuration)
     core, memo.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    # The capacity gate reads a watch-fed cache, and starts with the admissions the RLJobs' status records
+    # (a job admitted by an earlier leader keeps its GPUs): both before any reconcile daemon runs.
+    memo.inventory = inventory.Inventory(core)
+    memo.inventory.start()
+    if not await asyncio.to_thread(memo.inventory.wait_synced, INVENTORY_SYNC_SECONDS):
+        log.warning("the cluster's nodes and pods are not listed yet; jobs waiting for GPUs wait for them")
+    gate = inventory.Gate(memo.inventory.snapshot)
+    admitted = await asyncio.to_thread(_read_admissions, memo.custom, memo.get("namespaces") or [], gate)
+    if admitted:
+        log.info("jobs the capacity gate admitted earlier: %s", ", ".join(f"{ns}/{n}" for ns, n in admitted))
     memo.reconciler = Reconciler(
-        core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""), memo.get("scraper")
+        core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""), memo.get("scraper"), gate
     )
     memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
     host, _, port = memo.get("progress_listen", "").rpartition(":")
@@ -90,11 +105,40 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.progress_server = await progress.serve(memo.progress_receiver, host, int(port))
 
 
+def _read_admissions(
+    custom: client.CustomObjectsApi, namespaces: list[str], gate: inventory.Gate
+) -> list[tuple[str, str]]:
+    """Hold the admission of every RLJob whose status says the capacity gate let it through and that has not
+    ended (in `namespaces`; none: every namespace); the jobs held."""
+    listed: list[dict[str, Any]] = []
+    for namespace in namespaces or [None]:
+        if namespace is None:
+            found = custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, _request_timeout=REQUEST_TIMEOUT)
+        else:
+            found = custom.list_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, _request_timeout=REQUEST_TIMEOUT
+            )
+        listed.extend(found.get("items") or [])
+    held = []
+    for body in listed:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        if not capacity.admitted_before(spec, body.get("status") or {}):
+            continue
+        try:
+            parsed = parse_spec(spec, source=f"{meta['namespace']}/{meta['name']}")
+        except SpecError:
+            continue
+        gate.hold(JobRef(meta["name"], meta["namespace"], meta["uid"]), parsed)
+        held.append((meta["namespace"], meta["name"]))
+    return held
+
+
 @kopf.on.cleanup()
 async def shut_down(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("progress_server"):
         await memo.progress_server.cleanup()
     memo.executor.shutdown(wait=False, cancel_futures=True)
+    memo.inventory.stop()
 
 
 def _reconcile_once(
@@ -182,6 +226,9 @@ async def reconcile_job(
             _pokes.pop((namespace, name), None)
             if receiver is not None:
                 receiver.forget(namespace, name, uid)
+            gate = getattr(memo.get("reconciler"), "gate", None)
+            if isinstance(gate, inventory.Gate):  # its GPUs are no longer held for it
+                gate.release(JobRef(name, namespace, uid))
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})

@@ -4,7 +4,11 @@
 changes nothing. It never creates children for a job in a terminal phase. Restarts follow
 spec.failurePolicy; each handled pod failure is counted once, in status. A pod that does not start
 (kubeforge_operator.stuck) is named in status and in one Event; a start that takes longer than
-spec.startupDeadlineSeconds (kubeforge_operator.startup) fails the job.
+spec.startupDeadlineSeconds (kubeforge_operator.startup) fails the job. A job with
+`scheduling.gang: capacity` gets its first pods only once the capacity gate admits it
+(kubeforge_operator.capacity, the policy; kubeforge_operator.inventory, the admissions): it holds its
+admission until it finishes, is suspended or is gone.
+
 
 Events follow the status write: a pass posts its Events only once its status patch is stored.
 The status is what later passes compare with to decide whether an Event is due, so an Event whose
@@ -29,13 +33,15 @@ from kubeforge.validation import SpecError, parse_spec
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge_operator import capacity, metrics, startup, stuck
+from kubeforge_operator import inventory, metrics, startup, stuck
 from kubeforge_operator import resources as r
 from kubeforge_operator.api import REQUEST_TIMEOUT
 
 log = logging.getLogger("kubeforge_operator")
 
 TERMINAL = ("Succeeded", "Failed")
+# Phases in which a job holds no capacity admission: its pods are gone, or going.
+RELEASED = (*TERMINAL, "Suspended")
 # The reason of a refusal to use a `<job>-token` Secret or `<job>-spec` ConfigMap this RLJob does not own.
 FOREIGN = "ForeignObject"
 # The reason of the Event about a job pod whose labels the operator cannot read (it is ignored).
@@ -199,12 +205,16 @@ class Reconciler:
         custom: client.CustomObjectsApi,
         progress_url_base: str = "",
         scraper: r.Scraper | None = None,
+        gate: inventory.Gate | None = None,
     ):
         self.core = core
         self.net = net
         self.custom = custom
         self.progress_url_base = progress_url_base
         self.scraper = scraper
+        # The operator passes a gate over its watch-fed inventory; without one (tools, tests) each decision
+        # lists the cluster's nodes and pods.
+        self.gate = gate or inventory.Gate(lambda: inventory.listed(core))
         # The uids of unreadable pods already reported: one log line and one Event per pod.
         self._reported_pods: set[str] = set()
 
@@ -224,6 +234,8 @@ class Reconciler:
                 errors.inc()
                 raise
             finally:
+                if status.get("phase") in RELEASED:
+                    self.gate.release(job)  # its pods are deleted: their GPUs are no longer held for it
                 written = None
                 if status.patch:
                     written = self._patch_status(job, status.patch)  # raises: no Event is posted
@@ -247,6 +259,7 @@ class Reconciler:
         try:
             spec = parse_spec(body.get("spec"), source=f"{job.namespace}/{job.name}")
         except SpecError as e:
+            self.gate.release(job)
             message = "; ".join(e.problems)
             status.condition("SpecValid", False, "InvalidSpec", message)
             self._transition(status, "Failed", f"invalid spec: {message}", event, warning=True)
@@ -289,13 +302,18 @@ class Reconciler:
         live = {p.instance for p in pods if not p.terminating}
         going = {p.instance for p in pods if p.terminating}  # recreated once the old pod is gone
         missing = [i for i in desired if i not in live and i not in going]
-        if missing and not live and spec.scheduling.gang == "capacity":
-            shortfall = capacity.shortfall(self.core, spec)
+        if spec.scheduling.gang != "capacity":
+            self.gate.release(job)
+        elif missing and not live:
+            # One decision at a time, counting the pods of every job admitted before: see kubeforge_operator.inventory.
+            shortfall = self.gate.admit(job, spec)
             if shortfall:
                 status.condition("Scheduled", False, "InsufficientGPUs", shortfall)
                 status.set("startingSince", None)  # no pod holds a GPU while the gate waits
                 self._transition(status, "Pending", f"waiting for GPUs: {shortfall}", event)
                 return
+        else:
+            self.gate.hold(job, spec)  # its pods exist (also after an operator restart); its spec may have grown
 
         ready = self._count(spec, pods, status)
         live_pods = [p for p in pods if not p.terminating]
