@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,17 @@ def free_port() -> int:
 
 
 class Operator:
-    """The operator as a real process (python -m kubeforge_operator) watching one namespace."""
+    """The operator as a real process (python -m kubeforge_operator) watching one namespace.
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path):
+    Its leader-election identity stays the same across start() calls, as a pod's does when its container
+    is restarted: a restarted operator takes its own Lease back at once."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, extra_args: tuple[str, ...] = ()):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
         self.metrics_port = free_port()
         self.progress_port = free_port()
+        self.identity = f"operator-{uuid.uuid4().hex[:8]}"
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -71,6 +77,9 @@ class Operator:
                 f"127.0.0.1:{self.progress_port}",
                 "--progress-url-base",
                 f"http://127.0.0.1:{self.progress_port}",
+                "--leader-election-id",
+                self.identity,
+                *self.extra_args,
             ],  # fmt: skip
             env=clean_env(KUBECONFIG=str(self.kubeconfig)),
             stdout=log,

@@ -71,7 +71,9 @@ def test_default_render(tmp_path: Path) -> None:
         ("CustomResourceDefinition", CRD_NAME, None),
         ("Deployment", "forge-operator", ns),
         ("Role", "forge-operator", ns),
+        ("Role", "forge-operator-leader-election", ns),
         ("RoleBinding", "forge-operator", ns),
+        ("RoleBinding", "forge-operator-leader-election", ns),
         ("Service", "forge-operator", ns),
         ("Service", "forge-operator-metrics", ns),
         ("ServiceAccount", "forge-operator", ns),
@@ -84,6 +86,7 @@ def test_default_render(tmp_path: Path) -> None:
     pod = deployment["spec"]["template"]
     c = container(objects)
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert only(render("replicas=3", home=tmp_path), "Deployment")["spec"]["replicas"] == 3  # one leads
     # The tag `make images` builds (images/tags.py); tests/test_images.py checks values.yaml names it.
     assert c["image"] == f"kubeforge/operator:{yaml.safe_load((CHART / 'values.yaml').read_text())['image']['tag']}"
     # Images are tagged with the package version (docs/images.md), so appVersion must follow it.
@@ -123,10 +126,17 @@ def test_default_render(tmp_path: Path) -> None:
     assert any(selects(s, {"app.kubernetes.io/name": "prometheus"}) for s in admitted), admitted
     assert policy["spec"]["ingress"][-1]["ports"] == [{"protocol": "TCP", "port": HTTP_PORT}]
 
-    role = only(objects, "Role")
-    binding = only(objects, "RoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "forge-operator", "namespace": ns}]
+    for name in ("forge-operator", "forge-operator-leader-election"):
+        role = only(objects, "Role", name)
+        binding = only(objects, "RoleBinding", name)
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "forge-operator", "namespace": ns}]
+    # Leader election (kubeforge_operator.leader): its own Lease, and no other.
+    assert only(objects, "Role", "forge-operator-leader-election")["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kubeforge-operator"],
+         "verbs": ["get", "update"]},
+    ]  # fmt: skip
     # Cluster-wide, the operator may only read.
     capacity = only(objects, "ClusterRole", "forge-operator-capacity")
     assert {v for rule in capacity["rules"] for v in rule["verbs"]} <= {"get", "list", "watch"}
@@ -165,9 +175,17 @@ def test_the_scraper_and_the_operators_network_policy(tmp_path: Path) -> None:
 
 def test_watched_namespaces(tmp_path: Path) -> None:
     objects = render("watchNamespaces={team-a,team-b}", home=tmp_path)
-    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in objects if o["kind"] in ("Role", "RoleBinding")) == [
-        ("Role", "team-a"), ("Role", "team-b"), ("RoleBinding", "team-a"), ("RoleBinding", "team-b"),
-    ]  # fmt: skip
+    # The job rules and the Lease of leader election, in each watched namespace.
+    assert sorted(
+        (o["kind"], o["metadata"]["name"], o["metadata"]["namespace"])
+        for o in objects
+        if o["kind"] in ("Role", "RoleBinding")
+    ) == sorted(
+        (kind, name, ns)
+        for kind in ("Role", "RoleBinding")
+        for name in ("forge-operator", "forge-operator-leader-election")
+        for ns in ("team-a", "team-b")
+    )
     assert [a for a in container(objects)["args"] if a.startswith("--namespace")] == [
         "--namespace=team-a",
         "--namespace=team-b",
@@ -177,11 +195,19 @@ def test_watched_namespaces(tmp_path: Path) -> None:
 def test_cluster_wide(tmp_path: Path) -> None:
     namespaced = render(home=tmp_path)
     objects = render("clusterWide=true", "watchNamespaces={team-a}", home=tmp_path)
-    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    # Only the Lease's Role, in the release namespace: where a cluster-wide operator keeps its Lease.
+    assert [(o["kind"], o["metadata"]["name"], o["metadata"]["namespace"]) for o in objects
+            if o["kind"] in ("Role", "RoleBinding")] == [
+        ("Role", "forge-operator-leader-election", "kubeforge-system"),
+        ("RoleBinding", "forge-operator-leader-election", "kubeforge-system"),
+    ]  # fmt: skip
     args = container(objects)["args"]
     assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
+    assert "--leader-election-namespace=kubeforge-system" in args
     # The same rules as the namespaced Role, granted everywhere.
-    assert only(objects, "ClusterRole", "forge-operator")["rules"] == only(namespaced, "Role")["rules"]
+    assert (
+        only(objects, "ClusterRole", "forge-operator")["rules"] == only(namespaced, "Role", "forge-operator")["rules"]
+    )
     binding = only(objects, "ClusterRoleBinding", "forge-operator")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

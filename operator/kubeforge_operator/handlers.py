@@ -12,6 +12,8 @@ the next resync; a transport error (a timeout: every call has one, kubeforge_ope
 dropped connection) ends the daemon with kopf's TemporaryError, and kopf starts it again after
 RESYNC_SECONDS. Any other exception is retried by kopf too (`backoff`). Only when the RLJob is gone, or
 the daemon is stopped, do the job's metrics, its progress token and its capacity admission go.
+
+All of this runs only in the leader (kubeforge_operator.leader): kopf starts once this process leads.
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ def _poke_for(namespace: str, name: str) -> asyncio.Event:
     return _pokes.setdefault((namespace, name), asyncio.Event())
 
 
+def api_client() -> client.ApiClient:
+    """The API client every part of the operator shares (in a pod: its ServiceAccount; else the kubeconfig)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    # A connection for every reconcile thread, the inventory's watches and the progress receiver's: the
+    # default (5 per core) is fewer, and urllib3 then opens and discards a TLS connection per request over it.
+    configuration.connection_pool_maxsize = RECONCILE_THREADS + 8
+    return client.ApiClient(configuration)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
@@ -75,15 +90,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = _DiffBaseStorage(prefix=API_GROUP)
     settings.watching.server_timeout = 300
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    configuration = client.Configuration.get_default_copy()
-    # A connection for every reconcile thread and the progress receiver's: the default (5 per core) is
-    # fewer, and urllib3 then opens and discards a TLS connection per request over the limit.
-    configuration.connection_pool_maxsize = RECONCILE_THREADS + 8
-    api = client.ApiClient(configuration)
+    api = memo.get("api") or api_client()
     core, memo.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     # The capacity gate reads a watch-fed cache, and starts with the admissions the RLJobs' status records
     # (a job admitted by an earlier leader keeps its GPUs): both before any reconcile daemon runs.
@@ -99,10 +106,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""), memo.get("scraper"), gate
     )
     memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
-    host, _, port = memo.get("progress_listen", "").rpartition(":")
-    if port:
-        memo.progress_receiver = progress.ProgressReceiver(core, memo.custom)
-        memo.progress_server = await progress.serve(memo.progress_receiver, host, int(port))
 
 
 def _read_admissions(
@@ -135,8 +138,7 @@ def _read_admissions(
 
 @kopf.on.cleanup()
 async def shut_down(memo: kopf.Memo, **_: Any) -> None:
-    if memo.get("progress_server"):
-        await memo.progress_server.cleanup()
+    # Passes still running go on; kubeforge_operator.__main__ waits for them before it gives up the lead.
     memo.executor.shutdown(wait=False, cancel_futures=True)
     memo.inventory.stop()
 
