@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 import httpx
+from kubeforge import auth
 
 REPO = Path(__file__).resolve().parents[1]
+TOKENS = auth.new_tokens()  # the generator's job token answers /generate
 ENGINE_ARGS = "--dtype float32 --max-model-len 256 --max-num-seqs 8 --enforce-eager"
 
 
@@ -44,7 +46,7 @@ def make_env(root: Path, model: Path, engine_args: str) -> tuple[dict[str, str],
     spec = RLJobSpec.model_validate(
         {"model": {"path": str(model)}, "roles": {"generator": {"env": {"GENERATOR_VLLM_ARGS": engine_args}}}}
     )
-    (env,) = local_environments("gen-bench", spec, root / "run", roles=["generator"], token="bench-token").values()
+    (env,) = local_environments("gen-bench", spec, root / "run", roles=["generator"], tokens=TOKENS).values()
     return env, f"http://127.0.0.1:{env['KUBEFORGE_HTTP_PORT']}"
 
 
@@ -170,7 +172,7 @@ def stop_role(proc, log) -> int:
 async def run_service(url: str, requests, args, pid: int) -> dict:
     from kubeforge.generator.wire import GeneratorClient
 
-    async with GeneratorClient(url) as client:
+    async with GeneratorClient(url, token=TOKENS["job"]) as client:
 
         async def one_request(prompts):
             gen = await client.generate(

@@ -48,6 +48,7 @@ from torchtitan.train import Trainer as TitanTrainer
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent / "runtime"), str(BENCH)]
 
+from kubeforge.auth import Credentials  # noqa: E402
 from kubeforge.batch import TrainBatch  # noqa: E402
 from kubeforge.contract import RoleContext  # noqa: E402
 from kubeforge.spec import RLJobSpec  # noqa: E402
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ctx = RoleContext(
         job="bench", namespace="bench", role="trainer", replica=0, spec=spec, run_dir=workdir / "run",
-        token="", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
+        credentials=Credentials.issue("trainer"), http_host="127.0.0.1", http_port=0, weight_sync_addr="",
     )  # fmt: skip
     device = engine.init_process_group(ctx)  # the role's own: NCCL on GPUs, gloo on CPU
     rank = dist.get_rank()

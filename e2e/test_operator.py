@@ -134,8 +134,15 @@ def test_a_job_becomes_running_with_every_pod_and_readable_status(namespace: str
     assert env["PET_NODE_RANK"] == "1" and env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4"
     assert env["PET_MASTER_ADDR"] == f"grpo-trainer-0.grpo.{namespace}.svc"
     assert env["KUBEFORGE_GENERATOR_URLS"].count(f".grpo.{namespace}.svc:8000") == 2
-    token_var = next(e for e in trainer1.spec.containers[0].env if e.name == "KUBEFORGE_TOKEN")
-    assert token_var.value_from.secret_key_ref.name == "grpo-token"
+    # The tokens are files from the job's Secret, each role's own keys only; none is in the environment.
+    assert env["KUBEFORGE_TOKEN_DIR"] == "/var/run/kubeforge/tokens"
+    assert not any(e.value_from for e in trainer1.spec.containers[0].env)
+    tokens = next(v for v in trainer1.spec.volumes if v.name == "tokens").secret
+    assert tokens.secret_name == "grpo-token"
+    assert sorted(item.key for item in tokens.items) == ["digests.json", "job", "trainer"]
+    controller = found["controller-0"]
+    tokens = next(v for v in controller.spec.volumes if v.name == "tokens").secret
+    assert sorted(item.key for item in tokens.items) == ["controller", "digests.json", "job"]
     assert trainer1.spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
     assert trainer1.spec.node_name, "the scheduler placed the pod"
     assert trainer1.metadata.owner_references[0].kind == "RLJob"
@@ -315,9 +322,11 @@ def test_progress_pushed_by_the_controller_lands_in_status(namespace: str, opera
     url = controller_env["KUBEFORGE_PROGRESS_URL"]
     assert url == f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
     secret = client.CoreV1Api().read_namespaced_secret("grpo-token", namespace)
-    token = base64.b64decode(secret.data["token"]).decode()
+    token = base64.b64decode(secret.data["controller"]).decode()
     report = {"step": 7, "policyVersion": 7, "rewardMean": 0.5, "weightSyncSeconds": 0.02}
     assert httpx.post(url, json=report, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    job_token = base64.b64decode(secret.data["job"]).decode()  # every pod holds it: not enough to report
+    assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {job_token}"}).status_code == 401
     assert httpx.post(url, json={"step": "x"}, headers={"Authorization": f"Bearer {token}"}).status_code == 400
     assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {token}"}).status_code == 200
     progress = status(namespace, "grpo")["progress"]
@@ -352,7 +361,7 @@ def test_a_foreign_token_is_refused_and_a_re_created_job_gets_a_token_of_its_own
     # Item 14: deleted and re-created under the same name, the new job's token works and the old one not.
     def token() -> str:
         secret = core.read_namespaced_secret("grpo-token", namespace)
-        return base64.b64decode(secret.data["token"]).decode()
+        return base64.b64decode(secret.data["controller"]).decode()
 
     old = token()
     assert httpx.post(url, json=report, headers={"Authorization": f"Bearer {old}"}).status_code == 200

@@ -94,7 +94,7 @@ def test_the_operator_runs_a_job_with_only_the_charts_rbac(cluster: Path, namesp
             expected = {f"grpo-{i.name}" for i in contract.instances(RLJobSpec.model_validate(JOB["spec"]))}
             wait_for("every pod of the job Running", lambda: pod_phases() == dict.fromkeys(expected, "Running"))
 
-            token = base64.b64decode(core.read_namespaced_secret("grpo-token", namespace).data["token"]).decode()
+            token = base64.b64decode(core.read_namespaced_secret("grpo-token", namespace).data["controller"]).decode()
             url = f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
             assert httpx.post(url, json={"step": 3}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 

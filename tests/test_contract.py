@@ -1,7 +1,7 @@
 """The environment contract: what every role process is told, whoever starts it."""
 
 import pytest
-from kubeforge import contract
+from kubeforge import auth, contract
 from kubeforge.contract import Endpoints, Instance, RoleContext
 from kubeforge.validation import parse_job
 
@@ -9,6 +9,9 @@ from kubeforge.validation import parse_job
 def _job(minimal_job, **spec):
     minimal_job["spec"].update(spec)
     return parse_job(minimal_job)
+
+
+TOKENS = {"job": "j0b", "controller": "c0ntroller", "trainer": "tr41ner"}
 
 
 def _endpoints(spec):
@@ -33,7 +36,7 @@ def _env(job, inst, tmp_path):
         http_host="0.0.0.0",
         http_port=8000,
         run_dir=str(tmp_path),
-        token="t0k",
+        token_dir=str(auth.write_token_dir(tmp_path / "tokens", TOKENS, inst.role)),
         termination_log="/dev/termination-log",
     )
 
@@ -97,7 +100,7 @@ def test_user_env_is_passed_and_cannot_shadow_the_contract(minimal_job, tmp_path
 def test_role_reads_back_what_it_was_given(minimal_job, tmp_path):
     job = _job(minimal_job, steps=7, roles={"generator": {"replicas": 2}})
     ctx = RoleContext.from_env(_env(job, Instance("generator", 1), tmp_path))
-    assert (ctx.job, ctx.role, ctx.replica, ctx.http_port, ctx.token) == ("demo", "generator", 1, 8000, "t0k")
+    assert (ctx.job, ctx.role, ctx.replica, ctx.http_port, ctx.token) == ("demo", "generator", 1, 8000, "j0b")
     assert ctx.spec == job.spec and ctx.spec.steps == 7
     assert ctx.peers["generator"] == ["http://generator-0.svc:8000", "http://generator-1.svc:8000"]
 

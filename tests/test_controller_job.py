@@ -4,11 +4,15 @@ follows resumes."""
 import asyncio
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import pytest
+from kubeforge.auth import Credentials
 from kubeforge.contract import RoleContext
 from kubeforge.controller import Job
+from kubeforge.trainer.client import TrainerError
 from kubeforge.validation import parse_job
 
 
@@ -25,11 +29,14 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
+TOKENS = {"job": "j0b", "controller": "s3cret", "trainer": "tr41n"}
+
+
 def controller_context(minimal_job, run_dir: Path, progress_url: str = "") -> RoleContext:
     return RoleContext(
         job="demo", namespace="team", role="controller", replica=0, spec=parse_job(minimal_job).spec,
-        run_dir=run_dir, token="s3cret", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
-        progress_url=progress_url,
+        run_dir=run_dir, credentials=Credentials.issue("controller", TOKENS), http_host="127.0.0.1", http_port=0,
+        weight_sync_addr="", progress_url=progress_url,
     )  # fmt: skip
 
 
@@ -77,3 +84,38 @@ def test_progress_shows_the_newest_held_out_reward_even_when_evaluations_finish_
     job.record({"step": 11, "policy_version": 11, "reward_mean": 0.6})
     job.record({"step": 5, "eval_reward": 0.1})  # a stale one never replaces a newer one
     assert (job.progress.step, job.progress.held_out_reward, job.progress.held_out_step) == (11, 0.9, 10)
+
+
+class _SlowTrainer(BaseHTTPRequestHandler):
+    """A trainer whose step outlives the deadline: it answers after 3 s."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        time.sleep(3)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_trainer_call_past_the_step_deadline_fails_naming_it(minimal_job, tmp_path: Path):
+    server = HTTPServer(("127.0.0.1", 0), _SlowTrainer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    minimal_job["spec"]["stepDeadlineSeconds"] = 1
+    ctx = controller_context(minimal_job, tmp_path)
+    ctx.peers["trainer"] = [f"http://127.0.0.1:{server.server_port}"]
+
+    async def call() -> None:
+        trainer = Job(ctx).trainer_client()
+        try:
+            await trainer.status()
+        finally:
+            await trainer.close()
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrainerError, match=r"no answer within 1 s \(spec.stepDeadlineSeconds\)"):
+            asyncio.run(call())
+        assert time.monotonic() - started < 2.5  # the deadline, not the trainer's answer
+    finally:
+        server.shutdown()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import yaml
@@ -150,6 +151,48 @@ def test_the_job_survives_losing_a_generator_a_reward_the_trainer_and_the_contro
     found = evals(run_dir)
     before, after = found[0]["eval_correctness"], found[-1]["eval_correctness"]
     assert after >= before + 0.4, found
+
+
+def test_the_job_completes_when_the_trainer_dies_in_the_middle_of_a_weight_update(tmp_path, tiny_model):
+    """Issue 16, item 1: the trainer is killed while a generator is loading a publish. The generator's
+    update breaks half-way; it exits as a transient failure and is replaced (RestartPod), the trainer
+    group and the controller resume from the checkpoint, and the job ends exact."""
+    steps = 20
+    # Small buckets: a publish of the tiny model takes long enough (about a second) to be caught
+    # in the middle.
+    job = tiny_job(tmp_path, tiny_model, steps=steps, **{"checkpoint.interval": 4,
+                                                         "algorithm.weightSyncBucketBytes": 512})  # fmt: skip
+    run_dir = tmp_path / "run"
+    caught: list[int] = []
+
+    def chaos() -> None:
+        while trained_steps(run_dir) < 5:
+            time.sleep(0.2)
+        # Found before the watch: scanning every process's environment takes longer than an update.
+        trainer = role_process(run_dir, "trainer", LOCAL_RANK="0")
+        port = role_process(run_dir, "generator").environ()["KUBEFORGE_HTTP_PORT"]
+        token = (run_dir / "tokens" / "generator" / "job").read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}) as http:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    updating = http.get("/weights/info", timeout=5).json().get("updating")
+                except (httpx.HTTPError, ValueError):
+                    updating = None
+                if updating:
+                    os.kill(trainer.pid, signal.SIGKILL)
+                    caught.append(updating)
+                    return
+                time.sleep(0.002)
+
+    result = run_job(job, run_dir, chaos)
+    assert caught, "never caught a weight update in flight"
+    assert result.returncode == 0, result.stdout[-6000:]
+    generator_log = (run_dir / "logs" / "generator-0.log").read_text()
+    assert "a restart cures it" in generator_log and generator_log.count("starting vLLM") >= 2, generator_log[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["restartsByRole"].get("trainer") == 1 and status["restartsByRole"].get("generator") == 1, status
+    check_ledger(run_dir, steps, prompts=16, group=8)
 
 
 def test_async_training_overlaps_and_never_trains_on_samples_beyond_max_staleness(tmp_path, tiny_model):

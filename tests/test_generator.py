@@ -115,17 +115,21 @@ def max_logprob_error(model, generation, prompts, temperature: float = 1.0) -> f
 
 
 class GeneratorProcess:
-    def __init__(self, root: Path, model: Path):
+    def __init__(self, root: Path, model: Path, engine_args: str = ENGINE_ARGS):
         from kubeforge.launcher import local_environments
         from kubeforge.spec import RLJobSpec
 
         self.model = model
-        self.token = "test-token"
+        from kubeforge import auth
+
+        tokens = auth.new_tokens()
+        self.job_token, self.trainer_token = tokens["job"], tokens["trainer"]
+        self.headers = auth.bearer(self.job_token)  # what any peer of the job presents
         run_dir = root / "run"
         spec = RLJobSpec.model_validate(
-            {"model": {"path": str(model)}, "roles": {"generator": {"env": {"GENERATOR_VLLM_ARGS": ENGINE_ARGS}}}}
+            {"model": {"path": str(model)}, "roles": {"generator": {"env": {"GENERATOR_VLLM_ARGS": engine_args}}}}
         )
-        (env,) = local_environments("gen-test", spec, run_dir, roles=["generator"], token=self.token).values()
+        (env,) = local_environments("gen-test", spec, run_dir, roles=["generator"], tokens=tokens).values()
         self.port = int(env["KUBEFORGE_HTTP_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.sync_addr = env["KUBEFORGE_WEIGHT_SYNC_ADDR"]
@@ -193,14 +197,14 @@ def generate(generator: GeneratorProcess, prompts=PROMPTS, **kwargs):
     from kubeforge.generator.wire import GeneratorClient
 
     async def call():
-        async with GeneratorClient(generator.url) as client:
+        async with GeneratorClient(generator.url, token=generator.job_token) as client:
             return await client.generate(prompts, **kwargs)
 
     return asyncio.run(call())
 
 
 def weights_info(generator: GeneratorProcess) -> dict:
-    return httpx.get(f"{generator.url}/weights/info", timeout=30).json()
+    return httpx.get(f"{generator.url}/weights/info", headers=generator.headers, timeout=30).json()
 
 
 def metric(generator: GeneratorProcess, name: str) -> float:
@@ -263,7 +267,7 @@ def test_bad_requests_are_refused_with_400_and_the_engine_survives(generator):
         {"prompt_token_ids": [[]], "max_tokens": 4},
         {"prompt_token_ids": [[1, 2]], "n": 0},
     ):
-        response = httpx.post(f"{generator.url}/generate", json=body, timeout=60)
+        response = httpx.post(f"{generator.url}/generate", json=body, headers=generator.headers, timeout=60)
         assert response.status_code in (400, 422), (body, response.text)
     assert len(generate(generator, prompts=PROMPTS[:1], max_tokens=2)) == 1
 
@@ -272,6 +276,7 @@ def test_openai_completions_and_chat_answer_from_the_same_engine(generator):
     completion = httpx.post(
         f"{generator.url}/v1/completions",
         json={"model": "policy", "prompt": "12+3=", "max_tokens": 5, "temperature": 0},
+        headers=generator.headers,
         timeout=120,
     )
     assert completion.status_code == 200, completion.text
@@ -283,23 +288,47 @@ def test_openai_completions_and_chat_answer_from_the_same_engine(generator):
     chat = httpx.post(
         f"{generator.url}/v1/chat/completions",
         json={"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers=generator.headers,
         timeout=120,
     )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["role"] == "assistant"
-    assert "policy" in [m["id"] for m in httpx.get(f"{generator.url}/v1/models").json()["data"]]
+    models = httpx.get(f"{generator.url}/v1/models", headers=generator.headers).json()["data"]
+    assert "policy" in [m["id"] for m in models]
 
 
-def test_weight_routes_need_the_job_token_and_a_group(generator):
+def test_weight_routes_need_the_trainers_token_and_a_group(generator):
     body = {"version": 1, "params": [["w", "float32", [2]]], "bucket_bytes": 1024}
-    response = httpx.post(f"{generator.url}/weights/update", json=body, timeout=30)
-    assert response.status_code == 401
-    # With the token but before /weights/init: refused before anything is paused or unloaded.
-    headers = {"Authorization": f"Bearer {generator.token}"}
+    for headers in ({}, generator.headers):  # no token, or the job token any pod of the job holds
+        response = httpx.post(f"{generator.url}/weights/update", json=body, headers=headers, timeout=30)
+        assert response.status_code == 401
+    assert httpx.post(f"{generator.url}/v1/completions", json={}, timeout=30).status_code == 401
+    # With the trainer's token but before /weights/init: refused before anything is paused or unloaded.
+    headers = {"Authorization": f"Bearer {generator.trainer_token}"}
     response = httpx.post(f"{generator.url}/weights/update", json=body, headers=headers, timeout=30)
     assert response.status_code == 409 and "/weights/init" in response.text
     assert weights_info(generator)["policy_version"] == 0
     assert httpx.get(f"{generator.url}/readyz").status_code == 200
+
+
+def test_seeded_prompts_longer_than_a_steps_token_budget_keep_the_cpu_engine_alive(tmp_path, tiny_model):
+    """Issue 16, item 2: 8 prompts of 40 tokens x 4 samples, each request seeded, against a token
+    budget of 64 per engine step. With chunked prefill (vLLM's CPU default) a prompt is split across
+    steps, vLLM rewinds its seeded generator with set_offset, which CPU generators lack, and the
+    engine core dies. The generator turns chunked prefill off on CPU: each prompt is prefilled whole."""
+    args = "--dtype float32 --max-model-len 64 --max-num-batched-tokens 64 --max-num-seqs 16 --enforce-eager"
+    process = GeneratorProcess(tmp_path, tiny_model, engine_args=args)
+    prompts = [[1] + [4 + (7 * p + i) % 60 for i in range(39)] for p in range(8)]
+    try:
+        process.wait_ready()
+        first = generate(process, prompts=prompts, n=4, max_tokens=8, seed=7, ignore_eos=True)
+        again = generate(process, prompts=prompts, n=4, max_tokens=8, seed=7, ignore_eos=True)
+        assert len(first) == 8 * 4  # samples
+        assert [ids for ids, _ in first.samples()] == [ids for ids, _ in again.samples()]  # seeded: reproducible
+        assert httpx.get(f"{process.url}/healthz", timeout=10).status_code == 200
+    finally:
+        code = process.stop()
+    assert code == 0, process.tail()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +344,7 @@ def test_weight_update_from_a_sender_process_serves_the_new_policy(generator, hf
     new_weights = tmp_path / "new"
     sender = subprocess.run(
         [sys.executable, __file__, "send", str(generator.model), str(new_weights), generator.sync_addr]
-        + [generator.url, generator.token, "1"],
+        + [generator.url, generator.trainer_token, "1"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -351,7 +380,7 @@ def test_a_new_formation_updates_while_requests_are_in_flight(generator, hf_mode
     from kubeforge.weight_sync import WeightSender
 
     served = weights_info(generator)["policy_version"]
-    sender = WeightSender(generator.sync_addr, bucket_bytes=1 << 16, token=generator.token, timeout_s=120)
+    sender = WeightSender(generator.sync_addr, bucket_bytes=1 << 16, token=generator.trainer_token, timeout_s=120)
     try:
         assert sender.connect([generator.url]) == 2
         # The original weights, as policy version 2, this time with the tied LM head spelt out.
@@ -361,7 +390,7 @@ def test_a_new_formation_updates_while_requests_are_in_flight(generator, hf_mode
         async def generate_while_updating():
             from kubeforge.generator.wire import GeneratorClient
 
-            async with GeneratorClient(generator.url) as client:
+            async with GeneratorClient(generator.url, token=generator.job_token) as client:
                 # 48 samples x 240 tokens: six waves of 8 sequences, long enough to update mid-way.
                 request = asyncio.create_task(client.generate(PROMPTS, n=16, max_tokens=240, seed=5, ignore_eos=True))
                 # Update once the engine holds the requests. Its scheduler's count can reach the
@@ -425,6 +454,7 @@ if __name__ == "__main__":
 def test_a_late_replica_serves_only_once_it_has_the_trainers_weights():
     """No engine needed: the readiness rule of a replica that starts after the trainer sent weights."""
     from fastapi import HTTPException
+    from kubeforge.auth import Credentials
     from kubeforge.contract import RoleContext
     from kubeforge.generator.service import Generator
     from kubeforge.serving import RoleServer
@@ -437,7 +467,7 @@ def test_a_late_replica_serves_only_once_it_has_the_trainers_weights():
         replica=3,
         spec=RLJobSpec.model_validate({"model": {"path": "/m"}}),
         run_dir=Path("."),
-        token="",
+        credentials=Credentials.issue("generator"),
         http_host="127.0.0.1",
         http_port=1,
         weight_sync_addr="",

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from kubeforge import auth
 from kubeforge.launcher import LaunchError, allocate_ports, plan_gpus
 from kubeforge.validation import parse_job
 
@@ -162,6 +163,33 @@ def test_ctrl_c_stops_every_role(tmp_path, minimal_job):
     assert role_processes(run_dir) == {}
 
 
+def test_ctrl_c_leaves_no_orphan_when_a_trainer_worker_ignores_sigterm(tmp_path, minimal_job):
+    # Issue 16: Ctrl-C during a long train step on CPU; torchrun's worker, in a session of its
+    # own, did not stop within the grace, the launcher killed torchrun, and the worker ran on.
+    job = write_job(
+        tmp_path, minimal_job, app="tests.apps.slow", steps=1000, generator={"replicas": 0}, reward={"replicas": 0}
+    )
+    run_dir = tmp_path / "run"
+    launcher = start_kubeforge("run", job, "--run-dir", run_dir)
+    try:
+        wait_for_phase(run_dir, "Running")
+        trainer = {pid: env for pid, env in role_processes(run_dir).items() if env["KUBEFORGE_ROLE"] == "trainer"}
+        ((worker, _),) = [(pid, env) for pid, env in trainer.items() if "LOCAL_RANK" in env]
+        assert os.getsid(worker) != os.getsid(parent(worker)), "torchrun starts its worker in a session of its own"
+        # Deaf to SIGTERM, as a worker whose main thread sits in a long C call: only SIGKILL ends it.
+        os.kill(worker, signal.SIGSTOP)
+        launcher.send_signal(signal.SIGINT)
+        out, _ = launcher.communicate(timeout=60)
+        left = role_processes(run_dir)
+    finally:
+        launcher.kill()
+        for pid in role_processes(run_dir):  # never leave a failed run's orphan on the machine
+            os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == 130
+    assert "trainer-0 did not stop within 10 s; killed" in out
+    assert left == {}
+
+
 def test_a_role_that_is_not_ready_in_time_is_named(tmp_path, minimal_job):
     job = write_job(tmp_path, minimal_job)
     run_dir = tmp_path / "run"
@@ -211,6 +239,7 @@ def test_a_role_whose_port_is_taken_says_so(tmp_path, minimal_job):
             "KUBEFORGE_SPEC": str(spec_path),
             "KUBEFORGE_HTTP_HOST": "127.0.0.1",
             "KUBEFORGE_HTTP_PORT": str(busy.getsockname()[1]),
+            "KUBEFORGE_TOKEN_DIR": str(auth.write_token_dir(tmp_path / "tokens", auth.new_tokens(), "reward")),
         }
         result = subprocess.run(
             [sys.executable, "-m", "kubeforge.rewards"], env=env, capture_output=True, text=True, timeout=60

@@ -8,6 +8,7 @@ import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from kubeforge import limits
+from kubeforge.auth import Credentials, bearer
 from kubeforge.batch import BatchError
 from kubeforge.contract import RoleContext
 from kubeforge.generator.service import GenerateRequest, check_limits
@@ -24,9 +25,10 @@ class Body(BaseModel):
 
 @pytest.fixture
 def client(minimal_job, tmp_path: Path) -> TestClient:
+    credentials = Credentials.issue("reward")
     ctx = RoleContext(
         job="limits", namespace="team", role="reward", replica=0, spec=parse_job(minimal_job).spec,
-        run_dir=tmp_path, token="", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
+        run_dir=tmp_path, credentials=credentials, http_host="127.0.0.1", http_port=0, weight_sync_addr="",
     )  # fmt: skip
     server = RoleServer(ctx)
 
@@ -38,7 +40,7 @@ def client(minimal_job, tmp_path: Path) -> TestClient:
     async def train(body: Body) -> dict:
         return {"length": len(body.text)}
 
-    return TestClient(server.app)
+    return TestClient(server.app, headers=bearer(credentials.token()))
 
 
 def test_a_body_over_the_limit_is_413_and_the_role_keeps_serving(client, monkeypatch):

@@ -16,7 +16,7 @@ from kubeforge.rewards.functions import from_algorithm
 from kubeforge.rewards.math import answers_match, correctness, extract_answer, format_reward
 from kubeforge.rewards.sandbox import SympyPool, SympyWorker, configured_workers, cpu_count
 from kubeforge.rewards.scoring import OUT_OF_BUDGET, score
-from test_rewards import reward_role  # noqa: F401 - the fixture that starts a real reward role
+from test_rewards import TOKENS, reward_role  # noqa: F401 - the fixture that starts a real reward role
 
 HUGE = "9" * 5000  # past Python's int-parsing limit and MAX_ANSWER_CHARS
 
@@ -282,7 +282,7 @@ def test_role_serves_math_rewards_over_http(reward_role):  # noqa: F811 - the im
     ]
 
     async def call(batch):
-        async with RewardClient([url]) as client:
+        async with RewardClient([url], token=TOKENS["job"]) as client:
             return await client.score("gsm8k", batch)
 
     out = asyncio.run(call(items))

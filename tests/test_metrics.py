@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from kubeforge.auth import Credentials
 from kubeforge.contract import RoleContext
 from kubeforge.serving import ROLE_LABELS, RoleServer
 from kubeforge.validation import parse_job
@@ -83,7 +84,8 @@ def test_no_module_defines_metrics_unseen_by_the_check_above():
 def controller(minimal_job, tmp_path: Path) -> RoleServer:
     ctx = RoleContext(
         job="metrics-demo", namespace="team", role="controller", replica=0, spec=parse_job(minimal_job).spec,
-        run_dir=tmp_path, token="", http_host="127.0.0.1", http_port=0, weight_sync_addr="",
+        run_dir=tmp_path, credentials=Credentials.issue("controller"), http_host="127.0.0.1", http_port=0,
+        weight_sync_addr="",
     )  # fmt: skip
     return RoleServer(ctx)
 

@@ -117,7 +117,7 @@ class FakeProgressApi:
         return _response(
             {
                 "metadata": {"name": name, "ownerReferences": [_owner("RLJob", job, uid)]},
-                "data": {"token": base64.b64encode(token.encode()).decode()},
+                "data": {"controller": base64.b64encode(token.encode()).decode()},
             }
         )
 

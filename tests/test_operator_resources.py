@@ -322,3 +322,37 @@ def test_scraper_labels_that_are_not_labels_are_refused_with_the_flag(bad):
         return
     with pytest.raises(ValueError, match=r"--scraper-pod-labels: got .*expected KEY=VALUE"):
         r.Scraper.parse("", bad)
+
+
+@pytest.mark.parametrize(
+    ("role", "keys"),
+    [
+        ("controller", ["controller", "digests.json", "job"]),
+        ("trainer", ["digests.json", "job", "trainer"]),
+        ("generator", ["digests.json", "job"]),
+        ("reward", ["digests.json", "job"]),
+    ],
+)
+def test_each_pod_mounts_only_the_tokens_its_role_holds(minimal_job, role, keys):
+    ref, spec = _job(minimal_job)
+    pod = r.pod(ref, spec, r.Instance(role, 0))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "tokens")["secret"]
+    assert volume["secretName"] == ref.secret_name
+    assert sorted(item["key"] for item in volume["items"]) == keys
+    assert volume["defaultMode"] == 0o440  # the runtime user reads them through fsGroup; nobody else
+    container = pod["spec"]["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tokens")
+    assert mount == {"name": "tokens", "mountPath": r.TOKEN_DIR, "readOnly": True}
+    assert _env(pod)["KUBEFORGE_TOKEN_DIR"] == r.TOKEN_DIR
+    assert not any("valueFrom" in e for e in container["env"])  # no token in the environment
+
+
+def test_the_secret_holds_every_token_and_their_digests(minimal_job):
+    from kubeforge import auth
+
+    ref, _ = _job(minimal_job)
+    tokens = auth.new_tokens()
+    secret = r.secret(ref, tokens)
+    data = secret["stringData"]
+    assert {k: data[k] for k in auth.CREDENTIALS} == tokens
+    assert json.loads(data[auth.DIGESTS_FILE]) == auth.digests(tokens)

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import torch
 from kubeforge.batch import CONTENT_TYPE, BatchError
@@ -17,7 +18,7 @@ from kubeforge.reference.client import ReferenceClient, ReferenceError, decode_l
 from kubeforge.spec import RLJobSpec
 from kubeforge.trainer.engine import Trainer
 from kubeforge.trainer.settings import TrainerSettings
-from test_trainer import AUTH, BAD, GOOD, RoleProcess, make_batch, response_logprobs, role_envs, small_batch
+from test_trainer import AUTH, BAD, GOOD, TOKENS, RoleProcess, make_batch, response_logprobs, role_envs, small_batch
 
 REFERENCE_TOLERANCE = 1e-5
 KL_COEF = 0.1
@@ -126,7 +127,7 @@ def colocated_trainer(tmp_path_factory, tiny_model):
         process.stop()
 
 
-def reference_logprobs(url: str, batch, token: str = "test-token"):
+def reference_logprobs(url: str, batch, token: str = TOKENS["job"]):
     async def call():
         async with ReferenceClient([url], token=token) as client:
             return await client.logprobs(batch)
@@ -166,13 +167,13 @@ def test_the_replica_scores_as_transformers_and_the_trainer_do(replica_job, tiny
 def test_the_replica_refuses_what_the_trainer_refuses(replica_job, tiny_model):
     reference, trainer = replica_job
     batch = make_batch(tiny_model, version=1)
-    assert reference.http.post("/logprobs", content=batch.encode()).status_code == 401
+    assert httpx.post(f"{reference.url}/logprobs", content=batch.encode()).status_code == 401  # no token
     with pytest.raises(ReferenceError, match="401"):
         reference_logprobs(reference.url, batch, token="wrong")
     batch.input_ids[0, 0] = 1000  # outside the vocabulary (128)
-    refused = reference.http.post("/logprobs", content=batch.encode(), headers=AUTH)
+    refused = reference.http.post("/logprobs", content=batch.encode())  # RoleProcess presents the job token
     assert refused.status_code == 400 and "vocabulary" in refused.text
-    assert reference.http.post("/logprobs", content=b"junk", headers=AUTH).status_code == 400
+    assert reference.http.post("/logprobs", content=b"junk").status_code == 400
     # klCoef > 0, no colocated reference: a batch without ref_logprobs is refused, naming them.
     refused = trainer.http.post("/train", content=make_batch(tiny_model, version=1).encode(), headers=AUTH)
     assert refused.status_code == 400 and "ref_logprobs: missing" in refused.text
@@ -183,14 +184,14 @@ def test_the_client_fills_a_batch_for_the_trainer(replica_job, tiny_model):
     reference, trainer = replica_job
 
     async def fill():
-        async with ReferenceClient([reference.url], token="test-token") as client:
+        async with ReferenceClient([reference.url], token=TOKENS["job"]) as client:
             return await client.fill(make_batch(tiny_model, version=1))
 
     batch = asyncio.run(fill())
     step = train(trainer, batch)
     # one update since the initial weights: the policy has moved away from the reference
     assert step["kl"] > 0 and step["policy_version"] == 2
-    raw = reference.http.post("/logprobs", content=batch.encode(), headers=AUTH)
+    raw = reference.http.post("/logprobs", content=batch.encode())
     assert torch.equal(decode_logprobs(raw.content), batch.ref_logprobs)
 
 
@@ -203,19 +204,19 @@ def test_colocated_kl_is_zero_at_first_then_grows(colocated_trainer, tiny_model)
 
 @pytest.mark.slow
 def test_a_stale_batch_is_refused_and_nothing_is_trained(colocated_trainer, tiny_model):
-    status = colocated_trainer.http.get("/status").json()
+    status = colocated_trainer.http.get("/status", headers=AUTH).json()
     assert status["policy_version"] == 3 and status["staleness"] == {"0": 18}  # 3 on-policy steps of 6 rows
     stale = make_batch(tiny_model, version=3)
     stale.policy_versions[4] = 2  # one row a version behind: a sync job allows none
     refused = colocated_trainer.http.post("/train", content=stale.encode(), headers=AUTH)
     assert refused.status_code == 400, refused.text
     assert "policy_versions: row 4 was sampled by policy version 2, 1 behind the trainer's 3" in refused.text
-    assert colocated_trainer.http.get("/status").json() == status
+    assert colocated_trainer.http.get("/status", headers=AUTH).json() == status
 
 
 @pytest.mark.slow
 def test_a_batch_may_name_its_own_loss(colocated_trainer, tiny_model, tmp_path):
-    exported = colocated_trainer.http.post("/weights/export", json={"dir": str(tmp_path / "v3")}, headers=AUTH)
+    exported = colocated_trainer.http.post("/weights/export", json={"dir": f"exports/{tmp_path.name}"}, headers=AUTH)
     logprobs = response_logprobs(Path(exported.json()["path"]), [GOOD, BAD])
     batch = make_batch(tiny_model, version=3)
     batch.info["loss"] = "sft"

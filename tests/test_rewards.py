@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from kubeforge import auth
 from kubeforge.rewards import REGISTRY, RewardClient, RewardError, register
 from kubeforge.rewards.client import ANSWER_MARGIN_S
 from kubeforge.rewards.functions import WeightedReward, correctness, exact, format_reward, from_algorithm
@@ -117,6 +118,9 @@ def test_a_name_registers_once():
 
 # A plugin module that the role process imports first: it registers a reward function that raises
 # and one that takes 0.4 s per item.
+TOKENS = auth.new_tokens()
+JOB_AUTH = auth.bearer(TOKENS["job"])  # what the controller presents to a reward replica
+
 RAISING_MODULE = """
 import time
 from kubeforge.rewards import register
@@ -155,6 +159,7 @@ def reward_role(tmp_path: Path):
             "KUBEFORGE_SPEC": str(tmp_path / "spec.json"),
             "KUBEFORGE_HTTP_HOST": "127.0.0.1",
             "KUBEFORGE_HTTP_PORT": str(port),
+            "KUBEFORGE_TOKEN_DIR": str(auth.write_token_dir(tmp_path / "tokens", TOKENS, "reward")),
             "PYTHONPATH": str(tmp_path),
             **(env or {}),
         }
@@ -191,7 +196,7 @@ def test_role_scores_a_batch_and_counts_it(reward_role):
     ]
 
     async def call():
-        async with RewardClient([url]) as client:
+        async with RewardClient([url], token=TOKENS["job"]) as client:
             return await client.score("copy", items)
 
     out = asyncio.run(call())
@@ -199,10 +204,11 @@ def test_role_scores_a_batch_and_counts_it(reward_role):
     assert out["rewards"] == pytest.approx([1.5, 1 / 3 + 0.25])
     metrics = httpx.get(f"{url}/metrics").text
     assert 'kubeforge_reward_items_total{job="test",namespace="default",replica="0",role="reward"} 2.0' in metrics
-    bad = httpx.post(f"{url}/score", json={"items": [{"prompt": "a"}]})  # no completion
+    bad = httpx.post(f"{url}/score", json={"items": [{"prompt": "a"}]}, headers=JOB_AUTH)  # no completion
     assert bad.status_code == 422
     # More completions than one request may carry (kubeforge/limits.py): 400, and the role keeps serving.
-    many = httpx.post(f"{url}/score", json={"items": [{"prompt": "a", "completion": "a"}] * 16385}, timeout=60)
+    too_many = [{"prompt": "a", "completion": "a"}] * 16385
+    many = httpx.post(f"{url}/score", json={"items": too_many}, headers=JOB_AUTH, timeout=60)
     assert many.status_code == 400 and "at most 16384 per request (MAX_SCORE_ITEMS)" in many.json()["detail"]
     assert asyncio.run(call())["rewards"] == pytest.approx([1.5, 1 / 3 + 0.25])
 
@@ -211,7 +217,7 @@ def test_a_raising_reward_is_an_error_response_not_a_number(reward_role):
     url = reward_role([{"name": "correctness"}, {"name": "explodes"}])
 
     async def call():
-        async with RewardClient([url]) as client:
+        async with RewardClient([url], token=TOKENS["job"]) as client:
             return await client.score("copy", [{"prompt": "a", "completion": "a", "answer": "a"}])
 
     with pytest.raises(RewardError, match="HTTP 500 .*ZeroDivisionError: no reward for you"):
@@ -227,7 +233,8 @@ def test_a_slow_batch_is_answered_within_its_budget_with_the_rest_scored_zero(re
     items = [{"prompt": "q", "completion": "a"}] * 10  # 2 threads x 0.4 s: 2 s in all
 
     async def call():
-        async with RewardClient([url], budget=1.0) as client:  # the request carries budget_seconds=1
+        # The request carries budget_seconds=1.
+        async with RewardClient([url], budget=1.0, token=TOKENS["job"]) as client:
             return await client.score("slow", items)
 
     started = time.monotonic()
@@ -243,7 +250,7 @@ def test_a_slow_batch_is_answered_within_its_budget_with_the_rest_scored_zero(re
     labels = 'job="test",namespace="default",replica="0",role="reward"'
     assert f"kubeforge_reward_items_total{{{labels}}} {len(scored)}.0" in metrics  # only those scored
     # A budget past the bound is refused (kubeforge/limits.py), like any other bad input.
-    too_long = httpx.post(f"{url}/score", json={"items": items[:1], "budget_seconds": 3601})
+    too_long = httpx.post(f"{url}/score", json={"items": items[:1], "budget_seconds": 3601}, headers=JOB_AUTH)
     assert too_long.status_code == 422 and "budget_seconds" in too_long.text
 
 
@@ -258,7 +265,7 @@ def test_a_dead_replica_is_skipped_with_backoff_and_the_batch_still_scored(rewar
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
 
     async def call():
-        async with RewardClient([dead, url], backoff=(0.05, 0.1)) as client:
+        async with RewardClient([dead, url], backoff=(0.05, 0.1), token=TOKENS["job"]) as client:
             out = await client.score("copy", [{"prompt": "ab", "completion": "ab", "answer": "ab"}])
             return out, client.retries
 

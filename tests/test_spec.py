@@ -145,6 +145,14 @@ BAD_SPECS = [
         "used twice",
     ),
     ("spec.suspend", "sometimes", "spec.suspend", "valid boolean"),
+    ("spec.stepDeadlineSeconds", 0, "spec.stepDeadlineSeconds", "greater than or equal to 1"),
+    (
+        "spec.roles.generator.env",
+        {"GENERATOR_VLLM_ARGS": "--max-model-len 512 --enable-chunked-prefill"},
+        "spec",
+        "--enable-chunked-prefill on a CPU generator",
+    ),
+    ("spec.env", {"GENERATOR_VLLM_ARGS": "--enable-chunked-prefill=true"}, "spec", "remove it"),
     (
         "spec.checkpoint.storage",
         {"emptyDir": True, "claimName": "ckpt"},
@@ -278,3 +286,24 @@ def test_jobs_whose_checkpoints_would_not_outlive_their_pods_are_refused_on_kube
         parse_spec(minimal_job["spec"], source="team/demo")  # the operator's path
     (problem,) = raised.value.problems
     assert problem.startswith(f"{field}: got ") and fix in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("last_words", "permanent", "default_action"),
+    [
+        ({}, False, "RestartPod"),  # killed: no last words
+        ({"exitCode": 137}, False, "RestartPod"),
+        ({"exitCode": 1, "error": "ValueError: bad"}, True, "FailJob"),  # it raised: it would again
+        # A weight update that stopped half-way: a fresh process cures it (serving.TransientFailure).
+        ({"exitCode": 75, "error": "TransientFailure: weight update to v3 failed", "transient": True}, False,
+         "RestartPod"),
+    ],
+    ids=["killed", "signal", "own-error", "transient"],
+)  # fmt: skip
+def test_a_transient_failure_is_restarted_its_own_error_is_not(minimal_job, last_words, permanent, default_action):
+    from kubeforge.contract import permanent_error
+
+    assert permanent_error(last_words) is permanent
+    policy = parse_job(minimal_job).spec.failure_policy
+    code = last_words.get("exitCode", 137)
+    assert policy.action_for("generator", exit_code=code, role_error=permanent_error(last_words)) == default_action

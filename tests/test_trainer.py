@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from kubeforge import contract
+from kubeforge import auth, contract
 from kubeforge.batch import CONTENT_TYPE, BatchError, TrainBatch
 from kubeforge.launcher import allocate_ports, local_environments
 from kubeforge.losses import policy_loss
@@ -34,8 +34,9 @@ from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TOKENS = auth.new_tokens()
+AUTH = auth.bearer(TOKENS["controller"])  # the controller drives the trainer
+JOB_AUTH = auth.bearer(TOKENS["job"])  # what any pod of the job presents (RoleProcess's default)
 PROMPT = "<|user|>1+1<eos><|assistant|>"
 GOOD, BAD = "2", "7"  # the response the advantages reward, and the one they punish
 
@@ -48,7 +49,7 @@ def free_ports(n):
 def role_envs(tmp: Path, model_dir: Path, roles: dict, **spec_fields) -> dict[str, dict[str, str]]:
     """The environments the launcher would give each instance of a job (instance name -> environment)."""
     spec = RLJobSpec.model_validate({"model": {"path": str(model_dir)}, "roles": roles, **spec_fields})
-    envs = local_environments("test", spec, tmp / "run", roles=roles, token=TOKEN)
+    envs = local_environments("test", spec, tmp / "run", roles=roles, tokens=TOKENS)
     return {inst.name: {**os.environ, **env, "PYTHONUNBUFFERED": "1"} for inst, env in envs.items()}
 
 
@@ -65,7 +66,7 @@ class RoleProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.http = httpx.Client(base_url=self.url, timeout=120)
+        self.http = httpx.Client(base_url=self.url, timeout=120, headers=JOB_AUTH)
 
     def wait_ready(self, timeout=300):
         deadline = time.monotonic() + timeout
@@ -301,15 +302,15 @@ def test_weight_names_are_the_checkpoint_names(trainer, tiny):
 def test_bad_requests_are_refused_before_any_rank_sees_them(trainer, tiny):
     assert trainer.http.post("/train", content=b"junk", headers=AUTH).status_code == 400
     batch = make_batch(tiny, version=0)
-    assert trainer.http.post("/train", content=batch.encode()).status_code == 401  # no token
+    assert trainer.http.post("/train", content=batch.encode()).status_code == 401  # the job token: not the controller
     batch.input_ids[0, 0] = 1000  # outside the vocabulary (128)
     refused = trainer.http.post("/train", content=batch.encode(), headers=AUTH)
     assert refused.status_code == 400 and "vocabulary" in refused.text
     assert trainer.http.post("/weights/publish", headers=AUTH).status_code == 400  # no generator in this job
-    # A generator that is not there: this publish fails, the trainer goes on (the next tests train).
+    # A publish goes to the job's own generators only: the sender presents the trainer's token there.
     (nobody,) = free_ports(1)
-    failed = trainer.http.post("/weights/publish", json={"generators": [f"http://127.0.0.1:{nobody}"]}, headers=AUTH)
-    assert failed.status_code == 502 and "weight sync failed" in failed.text
+    refused = trainer.http.post("/weights/publish", json={"generators": [f"http://127.0.0.1:{nobody}"]}, headers=AUTH)
+    assert refused.status_code == 400 and "not among the job's generators" in refused.text
     assert trainer.http.get("/readyz").status_code == 200
 
 
@@ -324,7 +325,9 @@ def test_training_moves_the_policy_towards_the_advantaged_answer(trainer, tiny, 
         response = trainer.http.post("/train", content=body, headers={**AUTH, "Content-Type": CONTENT_TYPE})
         assert response.status_code == 200, response.text
         steps.append(response.json())
-        export = trainer.http.post("/weights/export", json={"dir": str(tmp_path / f"v{version + 1}")}, headers=AUTH)
+        # Exports land under the run directory (a relative dir is taken from it), nowhere else.
+        where = {"dir": f"exports/{tmp_path.name}/v{version + 1}"}
+        export = trainer.http.post("/weights/export", json=where, headers=AUTH)
         assert export.json()["policy_version"] == version + 1
         policy = Path(export.json()["path"])
 
@@ -353,7 +356,7 @@ def test_checkpoints_hold_model_optimizer_and_counters(trainer, tiny):
     path = Path(saved["path"])
     assert sorted(p.name for p in path.parent.iterdir()) == ["step-2", "step-3"]
     assert (path / "COMPLETE").is_file()  # written last: the checkpoint counts (trainer/checkpoint.py)
-    status = trainer.http.get("/status").json()
+    status = trainer.http.get("/status", headers=AUTH).json()
     assert status["checkpoint"] == str(path) and status["app_state"] == {"data_position": 42}
 
     # Load it back without any process group, as a single process would, and map it to HF names:
@@ -392,7 +395,7 @@ def test_a_restarted_trainer_resumes_from_its_last_checkpoint(trainer, tiny, tmp
     again = RoleProcess("trainer", trainer.env, tmp_path / "restarted.log")
     try:
         again.wait_ready()
-        status = again.http.get("/status").json()
+        status = again.http.get("/status", headers=AUTH).json()
         assert status["step"] == 3 and status["policy_version"] == 3
         assert status["app_state"] == {"data_position": 42}
         assert status["staleness"] == {"0": 18}  # the 3 steps' 6 rows each, on policy, kept
@@ -413,7 +416,8 @@ def assert_a_non_finite_gradient_skips_the_update(trainer: RoleProcess, model_di
     """The fused optimizer skips the step on the device (found_inf): no weight moves, the version stays."""
 
     def export(name: str) -> dict[str, torch.Tensor]:
-        answer = trainer.http.post("/weights/export", json={"dir": str(tmp_path / name)}, headers=AUTH).json()
+        where = {"dir": f"exports/{tmp_path.name}/{name}"}
+        answer = trainer.http.post("/weights/export", json=where, headers=AUTH).json()
         return load_file(Path(answer["path"]) / "model.safetensors")
 
     def train(batch: TrainBatch) -> dict:
@@ -442,7 +446,7 @@ def sample(generator_url: str, prompt: list[int], seed: int):
     from kubeforge.generator.wire import GeneratorClient
 
     async def call():
-        async with GeneratorClient(generator_url) as client:
+        async with GeneratorClient(generator_url, token=TOKENS["job"]) as client:
             return await client.generate([prompt], n=8, max_tokens=6, seed=seed, ignore_eos=True)
 
     return asyncio.run(call())

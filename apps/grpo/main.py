@@ -411,7 +411,7 @@ async def main(job: Job) -> None:
     # spec.dataset.path names GSM8K-style files; without it the job runs the synthetic copy task.
     task = GSM8KTask.from_spec(job.spec, seed=cfg.seed) if job.spec.dataset.path else CopyTask(seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
-    trainer = TrainerClient(job.urls("trainer")[0], token=job.ctx.token)
+    trainer = job.trainer_client()
     policy = Policy(GeneratorPool(job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
     rewards = RewardClient(job.urls("reward"), token=job.ctx.token)
     loop = GRPO(job, cfg, task, policy, rewards, trainer)

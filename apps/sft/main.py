@@ -105,7 +105,7 @@ async def main(job: Job) -> None:
         held_out = held_out[: cfg.eval_max_examples or None]
     log.info("%d train examples (%d cut to %d tokens), %d held out", len(train), cut, cfg.max_length, len(held_out))
 
-    trainer = TrainerClient(job.urls("trainer")[0], token=job.ctx.token)
+    trainer = job.trainer_client()
     loop = SFT(job, cfg, trainer, pad_id)
     status = await trainer.status()  # after a restart: the step of the checkpoint the trainer resumed from
     loop.step, loop.policy_version = status["step"], status["policy_version"]

@@ -21,13 +21,14 @@ import logging
 from datetime import UTC, datetime
 
 from aiohttp import web
+from kubeforge import auth
 from kubeforge.spec import API_GROUP, API_VERSION, PLURAL, Progress
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubeforge_operator.api import REQUEST_TIMEOUT, TRANSPORT_ERRORS
-from kubeforge_operator.resources import TOKEN_KEY, JobRef, controller_uid
+from kubeforge_operator.resources import JobRef, controller_uid
 
 log = logging.getLogger("kubeforge_operator.progress")
 
@@ -94,7 +95,8 @@ class ProgressReceiver:
             # An earlier job's, not yet collected, or someone else's: never a token for this job.
             log.warning("%s/%s: Secret %s is not the RLJob's (uid %s); refused", namespace, name, secret_name, uid)
             return None
-        token = base64.b64decode((secret.get("data") or {}).get(TOKEN_KEY, "")).decode()
+        # Only the controller reports progress: its own token, not the job token every pod holds.
+        token = base64.b64decode((secret.get("data") or {}).get(auth.CONTROLLER, "")).decode()
         if not token:
             return None
         self._tokens[key] = (uid, token)
@@ -121,7 +123,7 @@ class ProgressReceiver:
         except (ApiException, *TRANSPORT_ERRORS) as e:
             log.warning("%s/%s: cannot check the token: %s", namespace, name, e)
             return web.json_response({"error": "cannot check the token now; retry"}, status=503)
-        if expected is None or not hmac.compare_digest(given, expected):
+        if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
             return web.json_response({"error": "unknown job or wrong token"}, status=401)
         try:
             progress = Progress.model_validate(await request.json())

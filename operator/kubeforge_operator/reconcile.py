@@ -9,7 +9,6 @@ spec.startupDeadlineSeconds (kubeforge_operator.startup) fails the job. A job wi
 (kubeforge_operator.capacity, the policy; kubeforge_operator.inventory, the admissions): it holds its
 admission until it finishes, is suspended or is gone.
 
-
 Events follow the status write: a pass posts its Events only once its status patch is stored.
 The status is what later passes compare with to decide whether an Event is due, so an Event whose
 status was lost would be posted again, and one posted before a failed write would speak of a
@@ -20,13 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubeforge import contract
+from kubeforge import auth, contract
 from kubeforge.contract import Instance
 from kubeforge.spec import API_GROUP, API_VERSION, PLURAL, RLJobSpec
 from kubeforge.validation import SpecError, parse_spec
@@ -134,7 +132,7 @@ class PodView:
     @property
     def reported_error(self) -> bool:
         """The role exited saying what went wrong (it raised): restarting would repeat it."""
-        return bool(_last_words(self.message).get("error"))
+        return contract.permanent_error(_last_words(self.message))
 
     @property
     def failed(self) -> bool:
@@ -646,7 +644,7 @@ class Reconciler:
         # The token and the spec are trusted by every pod of the job: one this RLJob does not own (left by
         # someone else, or by an earlier job of the same name) is never used. Both are checked before
         # anything is created, so a refused job gets nothing at all.
-        owned = [r.config_map(job, spec), r.secret(job, secrets.token_hex(16))]
+        owned = [r.config_map(job, spec), r.secret(job, auth.new_tokens())]
         absent = [obj for obj in owned if not self._check_owned(job, obj)]
         for obj in absent:
             if not self._create(obj):  # someone created it since the read

@@ -7,11 +7,12 @@ launcher uses, with stable DNS names of per-role headless services instead of lo
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge import contract
+from kubeforge import auth, contract
 from kubeforge.contract import Endpoints, Instance
 from kubeforge.spec import API_GROUP, API_VERSION, KIND, LABEL_NAME, RLJobSpec
 
@@ -39,7 +40,9 @@ RUNTIME_UID = 10001
 # controller metrics.jsonl and episodes.json. Generators, rewards and references write nothing that
 # a replacement needs, so they keep an emptyDir and never tie themselves to the claim's node.
 STORAGE_ROLES = ("trainer", "controller")
-TOKEN_KEY = "token"
+# The job's tokens (kubeforge.auth): one Secret key per credential, plus their digests. Each pod
+# mounts only the keys its role holds, read-only, at TOKEN_DIR; nothing goes into the environment.
+TOKEN_DIR = "/var/run/kubeforge/tokens"
 
 LABEL_JOB = f"{API_GROUP}/job"
 LABEL_ROLE = f"{API_GROUP}/role"
@@ -184,13 +187,27 @@ def config_map(job: JobRef, spec: RLJobSpec) -> dict[str, Any]:
     }
 
 
-def secret(job: JobRef, token: str) -> dict[str, Any]:
+def secret(job: JobRef, tokens: dict[str, str]) -> dict[str, Any]:
+    """The job's tokens (kubeforge.auth.new_tokens) and their digests, made once per job."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": job.metadata(job.secret_name),
         "type": "Opaque",
-        "stringData": {TOKEN_KEY: token},
+        "stringData": {**tokens, auth.DIGESTS_FILE: json.dumps(auth.digests(tokens))},
+    }
+
+
+def token_volume(job: JobRef, role: str) -> dict[str, Any]:
+    """The Secret's keys `role` holds, and the digests; readable by the runtime user (fsGroup) only."""
+    keys = [*auth.held_by(role), auth.DIGESTS_FILE]
+    return {
+        "name": "tokens",
+        "secret": {
+            "secretName": job.secret_name,
+            "items": [{"key": key, "path": key} for key in keys],
+            "defaultMode": 0o440,
+        },
     }
 
 
@@ -314,16 +331,13 @@ def pod(
         http_host="0.0.0.0",
         http_port=HTTP_PORT,
         run_dir=RUN_DIR,
-        token="",
+        token_dir=TOKEN_DIR,
         termination_log=TERMINATION_LOG,
         progress_url=f"{progress_url_base}/progress/{job.namespace}/{job.name}" if progress_url_base else "",
     )
     # HOME is the writable emptyDir unless the role's env says otherwise (HOME_DIR's comment).
     env = {"HOME": HOME_DIR, **env}
-    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items()) if k != contract.TOKEN]
-    env_list.append(
-        {"name": contract.TOKEN, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": TOKEN_KEY}}}
-    )
+    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(env.items())]
     scheduling = spec.scheduling
     labels = {**job.labels(inst.role), LABEL_REPLICA: str(inst.replica), LABEL_GENERATION: str(restart_generation)}
     claim = run_claim(job, spec) if inst.role in STORAGE_ROLES else None
@@ -367,6 +381,7 @@ def pod(
                 },
                 "volumeMounts": [
                     {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+                    {"name": "tokens", "mountPath": TOKEN_DIR, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                     {"name": "run", "mountPath": RUN_DIR},
                     {"name": "home", "mountPath": HOME_DIR},
@@ -381,6 +396,7 @@ def pod(
         ],
         "volumes": [
             {"name": "spec", "configMap": {"name": job.config_name}},
+            token_volume(job, inst.role),
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloaders need a large /dev/shm
             # The trainer's and controller's run directory outlives the pod (STORAGE_ROLES).
             {"name": "run", "persistentVolumeClaim": {"claimName": claim}}

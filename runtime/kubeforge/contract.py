@@ -11,7 +11,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from kubeforge import auth
+from kubeforge.auth import Credentials
 from kubeforge.spec import RLJobSpec
 
 # Roles whose replicas each serve HTTP, in start-up order (the controller goes last: it drives the others).
@@ -95,7 +98,9 @@ ROLE = "KUBEFORGE_ROLE"
 REPLICA = "KUBEFORGE_REPLICA"
 SPEC = "KUBEFORGE_SPEC"
 RUN_DIR = "KUBEFORGE_RUN_DIR"
-TOKEN = "KUBEFORGE_TOKEN"
+# A directory holding the tokens this role holds and the digests it checks callers against
+# (kubeforge.auth): a Secret volume on Kubernetes. Never the tokens themselves in the environment.
+TOKEN_DIR = "KUBEFORGE_TOKEN_DIR"
 HTTP_HOST = "KUBEFORGE_HTTP_HOST"
 HTTP_PORT = "KUBEFORGE_HTTP_PORT"
 WEIGHT_SYNC_ADDR = "KUBEFORGE_WEIGHT_SYNC_ADDR"
@@ -105,6 +110,16 @@ TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"
 # Controller only, on Kubernetes: where to POST progress (the operator writes it into status).
 PROGRESS_URL = "KUBEFORGE_PROGRESS_URL"
 PEER_URLS = {role: f"KUBEFORGE_{role.upper()}_URLS" for role in SERVICE_ROLES}
+# The exit code of a role that failed in a way a fresh process cures (serving.TransientFailure).
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL
+
+
+def permanent_error(last_words: dict[str, Any]) -> bool:
+    """Whether a role's last words (its termination log: {"role", "exitCode", "error"?,
+    "transient"?, ...}) report an error of its own that a restart would repeat. A failure the role
+    marked transient (a weight update that stopped half-way) is cured by a restart, as a killed
+    process is."""
+    return bool(last_words.get("error")) and not last_words.get("transient")
 
 
 def role_env(
@@ -118,7 +133,7 @@ def role_env(
     http_host: str,
     http_port: int,
     run_dir: str,
-    token: str,
+    token_dir: str,
     termination_log: str,
     progress_url: str = "",
 ) -> dict[str, str]:
@@ -137,7 +152,7 @@ def role_env(
             REPLICA: str(instance.replica),
             SPEC: spec_path,
             RUN_DIR: run_dir,
-            TOKEN: token,
+            TOKEN_DIR: token_dir,
             HTTP_HOST: http_host,
             HTTP_PORT: str(http_port),
             WEIGHT_SYNC_ADDR: f"{endpoints.weight_sync[0]}:{endpoints.weight_sync[1]}",
@@ -177,7 +192,7 @@ class RoleContext:
     replica: int
     spec: RLJobSpec
     run_dir: Path
-    token: str
+    credentials: Credentials
     http_host: str
     http_port: int
     weight_sync_addr: str
@@ -189,10 +204,15 @@ class RoleContext:
     def name(self) -> str:
         return f"{self.role}-{self.replica}"
 
+    @property
+    def token(self) -> str:
+        """The job token, which every role holds: what a role presents to its peers' data routes."""
+        return self.credentials.token(auth.JOB)
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> RoleContext:
         env = dict(os.environ if environ is None else environ)
-        missing = [v for v in (JOB, ROLE, REPLICA, SPEC, HTTP_PORT) if not env.get(v)]
+        missing = [v for v in (JOB, ROLE, REPLICA, SPEC, HTTP_PORT, TOKEN_DIR) if not env.get(v)]
         if missing:
             raise RuntimeError(
                 f"this process is a kubeforge role but {', '.join(missing)} is not set; "
@@ -206,7 +226,7 @@ class RoleContext:
             replica=int(env[REPLICA]),
             spec=spec,
             run_dir=Path(env.get(RUN_DIR, ".")),
-            token=env.get(TOKEN, ""),
+            credentials=auth.Credentials.load(Path(env[TOKEN_DIR]), env[ROLE]),
             http_host=env.get(HTTP_HOST, "0.0.0.0"),
             http_port=int(env[HTTP_PORT]),
             weight_sync_addr=env.get(WEIGHT_SYNC_ADDR, ""),

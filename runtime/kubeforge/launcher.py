@@ -14,12 +14,10 @@ budget, ends the job with the role's error.
 from __future__ import annotations
 
 import collections
-import ctypes
 import importlib.util
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +33,7 @@ from typing import IO, TextIO
 
 import httpx
 
-from kubeforge import contract
+from kubeforge import auth, contract, processes
 from kubeforge.contract import Endpoints, Instance
 from kubeforge.spec import Progress, RLJob, RLJobSpec, RLJobStatus, RoleCount
 
@@ -103,11 +101,7 @@ def local_gpus() -> int:
 
 def _die_with_launcher() -> None:
     """In the child before exec: get SIGTERM if the launcher dies, so no role outlives it."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: stop() still ends every role on a normal exit
+    processes.die_with_parent(signal.SIGTERM)
 
 
 def _port_is_free(port: int) -> bool:
@@ -189,11 +183,12 @@ def local_environments(
     namespace: str = "local",
     roles: Collection[str] | None = None,
     port_base: int | None = None,
-    token: str | None = None,
+    tokens: dict[str, str] | None = None,
 ) -> dict[Instance, dict[str, str]]:
     """The environment contract of each instance (of `roles`, default all) with peers on this
-    machine's loopback ports; writes RUN_DIR/spec.json. The launcher, and tests or benchmarks that
-    start single roles, all build environments here."""
+    machine's loopback ports; writes RUN_DIR/spec.json and each role's token directory,
+    RUN_DIR/tokens/ROLE (`tokens`, default fresh ones: kubeforge.auth). The launcher, and tests or
+    benchmarks that start single roles, all build environments here."""
     chosen = [i for i in contract.instances(spec) if roles is None or i.role in roles]
     ports = allocate_ports([i.name for i in chosen] + ["trainer-master", "weight-sync"], port_base)
     endpoints = Endpoints(
@@ -205,7 +200,10 @@ def local_environments(
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(spec.model_dump_json(by_alias=True, indent=2))
-    token = secrets.token_hex(16) if token is None else token
+    tokens = tokens or auth.new_tokens()
+    token_dirs = {
+        role: str(auth.write_token_dir(run_dir / "tokens" / role, tokens, role)) for role in {i.role for i in chosen}
+    }
     return {
         inst: contract.role_env(
             job=job,
@@ -217,7 +215,7 @@ def local_environments(
             http_host=LOCALHOST,
             http_port=ports[inst.name],
             run_dir=str(run_dir),
-            token=token,
+            token_dir=token_dirs[inst.role],
             termination_log=str(run_dir / "logs" / f"{inst.name}.termination.json"),
         )
         for inst in chosen
@@ -235,6 +233,11 @@ class Launcher:
         self._print_lock = threading.Lock()
         self._echo_roles = True
         self._threads: list[threading.Thread] = []
+        # Tags every process this run starts (kubeforge.processes), so that stopping a role, or the
+        # job, reaches what left its process group: torchrun's workers run in sessions of their own.
+        self._launch = os.urandom(8).hex()
+        self._watchdog: processes.Watchdog | None = None
+        self._tokens = auth.new_tokens()  # the job token answers the controller's /status
 
     # -- output ------------------------------------------------------------------------------
 
@@ -268,7 +271,7 @@ class Launcher:
         gpu_plan = plan_gpus(self.job)
         envs = local_environments(
             self.job.name, spec, self.options.run_dir, namespace=self.job.metadata.namespace or "local",
-            port_base=self.options.port_base,
+            port_base=self.options.port_base, tokens=self._tokens,
         )  # fmt: skip
         for inst, env in envs.items():
             env["CUDA_VISIBLE_DEVICES"] = gpu_plan[inst]
@@ -278,6 +281,8 @@ class Launcher:
 
     def start(self, envs: dict[Instance, dict[str, str]]) -> None:
         self._envs = envs
+        # First: from the first role on, something stops them all should the launcher be SIGKILLed.
+        self._watchdog = processes.Watchdog(self._launch, STOP_GRACE_SECONDS)
         for inst in envs:
             self.roles.append(self._spawn(inst))
         run_dir = self.options.run_dir.resolve()
@@ -297,7 +302,12 @@ class Launcher:
         pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
         process = subprocess.Popen(
             contract.role_command(inst.role, python=sys.executable),
-            env={**os.environ, **self._envs[inst], "PYTHONPATH": pythonpath},
+            env={
+                **os.environ,
+                **self._envs[inst],
+                "PYTHONPATH": pythonpath,
+                processes.TAG_ENV: processes.tag(self._launch, inst.name),
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -319,7 +329,7 @@ class Launcher:
         code = failed.process.returncode
         # Exit codes as a container reports them: 128 + N for a process killed by signal N.
         exit_code = 128 - code if code < 0 else code
-        role_error = bool(self._last_words(failed).get("error"))
+        role_error = contract.permanent_error(self._last_words(failed))
         action = policy.action_for(failed.instance.role, exit_code=exit_code, reason="Error", role_error=role_error)
         if action == "FailJob":
             self._raise_exited(failed)
@@ -332,7 +342,10 @@ class Launcher:
             restart = [r for r in self.roles if r.instance.role in ("trainer", "controller")]
         self.say(f"{failed.name} {self._how(failed)}; {action}: restarting {', '.join(r.name for r in restart)}")
         self._stop_roles(r for r in restart if r is not failed)
-        _signal_group(failed.process, signal.SIGKILL)  # what the dead role left behind in its group
+        # What the dead role left behind, in its group or not (torchrun's workers), must not hold
+        # the ports or the memory its next process needs.
+        _signal_group(failed.process, signal.SIGKILL)
+        processes.kill(processes.find(self._launch, [failed.name]))
         failed.process.wait()
         self.status.restarts += 1
         by_role, by_instance = self.status.restarts_by_role, self.status.restarts_by_instance
@@ -474,21 +487,22 @@ class Launcher:
         self._count_ready()
 
     def _stop_roles(self, roles: Iterable[Role]) -> None:
-        """SIGTERM each role's process group, then SIGKILL what outlives the grace (and what a role
-        left behind in its group, such as torchrun's workers)."""
+        """SIGTERM every process of these roles: each role's process group and, by their tag, what
+        they started in sessions of their own (torchrun's workers) or left behind; SIGKILL whatever
+        outlives the grace, and return once none of them is left."""
         roles = list(roles)
-        alive = [r for r in roles if r.process.poll() is None]
-        for role in alive:
-            _signal_group(role.process, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for role in alive:
-            try:
-                role.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.say(f"{role.name} did not stop within {STOP_GRACE_SECONDS:.0f} s; killing it")
         for role in roles:
-            _signal_group(role.process, signal.SIGKILL)
+            if role.process.poll() is None:
+                _signal_group(role.process, signal.SIGTERM)
+        stopped = processes.terminate(self._launch, STOP_GRACE_SECONDS, [r.name for r in roles])
+        for role in roles:
+            _signal_group(role.process, signal.SIGKILL)  # a group member that shed its tag and parent
             role.process.wait()
+        if stopped.killed:
+            count = f"{len(stopped.killed)} process{'es' * (len(stopped.killed) > 1)}"
+            self.say(f"{stopped.names(stopped.killed)} did not stop within {STOP_GRACE_SECONDS:.0f} s; killed {count}")
+        if stopped.stuck:
+            self.say(f"processes {', '.join(str(p.pid) for p in stopped.stuck)} did not end even on SIGKILL")
 
     # -- status ------------------------------------------------------------------------------
 
@@ -519,8 +533,15 @@ class Launcher:
     def run(self) -> int:
         """Start, wait, watch, stop. Returns the process exit code."""
         try:
+            return self._run()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.close()
+
+    def _run(self) -> int:
+        try:
             self.start(self.prepare())
-            with httpx.Client(timeout=5.0) as client:
+            with httpx.Client(timeout=5.0, headers=auth.bearer(self._tokens[auth.JOB])) as client:
                 self.wait_ready(client)
                 self.watch(client)
             self.stop()

@@ -23,8 +23,8 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, disable_created_metrics, generate_latest
 
-from kubeforge import limits
-from kubeforge.contract import HTTP_PORT, RoleContext
+from kubeforge import auth, limits
+from kubeforge.contract import EXIT_TRANSIENT, HTTP_PORT, RoleContext
 
 log = logging.getLogger("kubeforge.role")
 
@@ -38,6 +38,12 @@ ROLE_LABELS = ("job", "namespace", "role", "replica")
 disable_created_metrics()
 ROLE_READY = Gauge("kubeforge_role_ready", "1 when the role answers /readyz with 200.", ROLE_LABELS)
 ROLE_STARTED = Gauge("kubeforge_role_start_time_seconds", "Unix time the role process started.", ROLE_LABELS)
+
+
+class TransientFailure(RuntimeError):
+    """Raised by a role's body when it cannot go on but a fresh process would (a generator whose
+    weight update stopped half-way): the role exits with EXIT_TRANSIENT and says so in its
+    termination log, so the failure policy restarts it instead of failing the job."""
 
 
 def role_labels(ctx: RoleContext) -> dict[str, str]:
@@ -123,6 +129,13 @@ class RoleServer:
         self.ctx = ctx
         self.app = FastAPI(title=f"kubeforge {ctx.role}", docs_url=None, redoc_url=None)
         self.app.add_middleware(BodyLimit)  # every route's body is bounded (kubeforge/limits.py)
+        # Added last, so it runs first: a caller without the route's token is refused before its body is read.
+        self.app.add_middleware(
+            auth.TokenAuth,
+            credentials=ctx.credentials,
+            role=ctx.role,
+            open_openai=ctx.spec.roles.generator.openai_without_token,
+        )
         self._not_ready = "starting"
         # Role-specific last words (the controller's final progress), added to the termination log.
         self.final_status: dict[str, object] = {}
@@ -157,13 +170,15 @@ class RoleServer:
         self._not_ready = reason
         ROLE_READY.labels(**self._labels).set(0)
 
-    def write_termination_log(self, exit_code: int, error: str = "") -> None:
+    def write_termination_log(self, exit_code: int, error: str = "", transient: bool = False) -> None:
         """Leave the role's last words where the launcher or the kubelet picks them up."""
         if not self.ctx.termination_log:
             return
         message = {"role": self.ctx.name, "exitCode": exit_code, **self.final_status}
         if error:
             message["error"] = error[-2000:]  # Kubernetes keeps at most 4 KiB
+        if transient:
+            message["transient"] = True  # contract.permanent_error: a restart cures it
         try:
             with open(self.ctx.termination_log, "w") as f:
                 json.dump(message, f, default=str)
@@ -214,18 +229,21 @@ async def run_role(server: RoleServer, body: Callable[[], Awaitable[None]]) -> i
     stop_task = asyncio.create_task(stop_requested.wait(), name="stop")
 
     done, _ = await asyncio.wait({http_task, body_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    code, error = 0, ""
+    code, error, transient = 0, "", False
     if stop_task in done:
         log.info("%s stopping on signal", ctx.name)
     elif body_task in done:
         exc = body_task.exception()
-        if exc is not None:
+        if isinstance(exc, TransientFailure):
+            log.error("%s stops, a restart cures it: %s", ctx.name, exc)
+            code, error, transient = EXIT_TRANSIENT, f"{type(exc).__name__}: {exc}", True
+        elif exc is not None:
             log.error("%s failed: %s", ctx.name, exc, exc_info=exc)
             code, error = 1, f"{type(exc).__name__}: {exc}"
     else:
         code, error = 1, "HTTP server stopped unexpectedly"
         log.error("%s: %s", ctx.name, error)
-    server.write_termination_log(code, error)
+    server.write_termination_log(code, error, transient)
 
     server.set_not_ready("stopping")
     for task in (body_task, stop_task):

@@ -157,6 +157,11 @@ class GeneratorSpec(RoleCommon):
     )
     gpus: int = Field(0, ge=0, le=16, description="GPUs per replica; 0 runs vLLM on CPU.")
     tensor_parallel: int = Field(1, ge=1, le=16, description="vLLM tensor_parallel_size.")
+    openai_without_token: bool = Field(
+        False,
+        description="Serve vLLM's OpenAI routes (/v1/*) to callers without the job token. Every other route "
+        "still needs it; on Kubernetes the job's NetworkPolicy still admits only the job's own pods.",
+    )
 
     @model_validator(mode="after")
     def _gpus_match_tp(self) -> GeneratorSpec:
@@ -447,6 +452,13 @@ class RLJobSpec(Model):
         description="Fail the job, deleting its pods, when they are not all Ready this long after a start, "
         "a restart or a resume; null: wait forever. It also bounds how long the controller waits for its peers.",
     )
+    step_deadline_seconds: int | None = Field(
+        3600,
+        ge=1,
+        description="The longest one call of the controller to the trainer may take (a train step, a checkpoint "
+        "save, a weight publish or export); past it the controller stops with an error naming this field and the "
+        "job fails. null: no limit. Raise it for large models on slow storage.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job this long after it succeeds or fails."
     )
@@ -459,6 +471,15 @@ class RLJobSpec(Model):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"volumes: name {name!r} is used twice")
+        generator = self.roles.generator
+        vllm_args = {**self.env, **generator.env}.get("GENERATOR_VLLM_ARGS", "").split()
+        if not generator.gpus and any(a.split("=")[0] == "--enable-chunked-prefill" for a in vllm_args):
+            # kubeforge.generator.engine.engine_argv says why: the CPU engine core dies on it.
+            raise ValueError(
+                "roles.generator.env.GENERATOR_VLLM_ARGS: --enable-chunked-prefill on a CPU generator (gpus: 0) "
+                "kills vLLM's engine core on seeded requests; remove it (each prompt is prefilled whole) or give "
+                "the generator gpus"
+            )
         return self
 
     @property

@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 from prometheus_client import Gauge, Histogram
 
+from kubeforge import auth
 from kubeforge.contract import RoleContext
 from kubeforge.serving import ROLE_LABELS, role_labels
 from kubeforge.spec import Progress, RLJobSpec
+from kubeforge.trainer.client import TrainerClient
 
 log = logging.getLogger("kubeforge.controller")
 
@@ -109,6 +111,15 @@ class Job:
         """Base URLs of every replica of `role` (empty if the job has none)."""
         return list(self.ctx.peers.get(role, []))
 
+    def trainer_client(self) -> TrainerClient:
+        """The trainer's API (global rank 0), called with the controller's own token: only the
+        controller may train, checkpoint, export or publish (kubeforge.auth)."""
+        return TrainerClient(
+            self.urls("trainer")[0],
+            token=self.ctx.credentials.token(auth.CONTROLLER),
+            timeout=self.spec.step_deadline_seconds,  # spec.stepDeadlineSeconds; None: no limit
+        )
+
     def report(
         self,
         step: int,
@@ -180,7 +191,7 @@ class Job:
     async def _push(self) -> None:
         """Send the newest progress to the operator, at most once a second; a lost report is
         superseded by the next one, so failures are logged, not retried."""
-        headers = {"Authorization": f"Bearer {self.ctx.token}"}
+        headers = auth.bearer(self.ctx.credentials.token(auth.CONTROLLER))  # the operator checks the controller's
         async with httpx.AsyncClient(timeout=5.0) as client:
             while self._unsent:
                 self._unsent = False

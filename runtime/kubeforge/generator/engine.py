@@ -44,6 +44,12 @@ def engine_argv(ctx: RoleContext, environ: dict[str, str] | None = None) -> list
         # not of the raw logits: the behaviour policy the trainer's importance ratios need.
         "--logprobs-mode", "processed_logprobs",
     ]  # fmt: skip
+    if not generator.gpus:
+        # A chunked prefill samples a token it then discards, and vLLM rewinds the request's seeded
+        # generator with set_offset, which CPU generators lack: the engine core dies ("CPU Generator
+        # does not use offset") once prompts outgrow --max-num-batched-tokens. Each prompt is
+        # prefilled whole instead; validation refuses --enable-chunked-prefill on CPU.
+        argv += ["--no-enable-chunked-prefill"]
     if spec.model.tokenizer:
         argv += ["--tokenizer", spec.model.tokenizer]
     argv += shlex.split(env.get(ENGINE_ARGS_ENV, ""))

@@ -109,6 +109,7 @@ class Generator:
         self.policy_version = 0
         self.broken = ""  # set when a weight update failed half-way: the model is unusable
         self.sync_group = ""  # the weight-sync group joined, once /weights/init succeeded
+        self.updating: int | None = None  # the version a weight update is loading now
         # Serve only from this policy version on (set when the trainer is already past the disk weights).
         self.serve_from_version = 0
         self._weights_lock = asyncio.Lock()
@@ -211,6 +212,7 @@ class Generator:
             "dtype": str(model.dtype).removeprefix("torch."),
             "model": model.model,
             "broken": self.broken or None,
+            "updating": self.updating,
         }
 
     async def init_weights(self, request: WeightInitRequest) -> dict:
@@ -238,17 +240,21 @@ class Generator:
             start = time.perf_counter()
             # Admission pauses here, before the first byte, and resumes right after the copy.
             await self.engine.pause_generation(mode=request.pause_mode, clear_cache=True)
+            self.updating = request.version
             try:
                 await self.engine.start_weight_update()
                 await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
                 await self.engine.finish_weight_update(weight_version=str(request.version))
             except BaseException as e:
                 # Layer-wise reload swaps layers out while they load: a half-done update leaves
-                # a model that cannot run. Stay paused and say so; a restart brings it back.
+                # a model that cannot run. Stay paused and say so; the role then exits
+                # (role.watch: TransientFailure) and the failure policy restarts it.
                 self.broken = f"weight update to v{request.version} failed: {type(e).__name__}: {e}"
                 self.server.set_not_ready(self.broken)
                 log.error("%s", self.broken)
                 raise
+            finally:
+                self.updating = None
             await self.engine.resume_generation()
             seconds = time.perf_counter() - start
             self._set_version(request.version)
@@ -274,12 +280,7 @@ class Generator:
 
 
 def add_routes(app: FastAPI, generator: Generator) -> None:
-    token = generator.server.ctx.token
-
-    def authorize(request: Request) -> None:
-        # Weight routes change what the replica serves: only holders of the job's token may call them.
-        if token and request.headers.get("authorization") != f"Bearer {token}":
-            raise HTTPException(401, "weight routes need the job token (Authorization: Bearer ...)")
+    # Every route but the probes needs a token (kubeforge.auth): the weight routes the trainer's.
 
     @app.post("/generate")
     async def generate(request: GenerateRequest) -> Response:
@@ -291,13 +292,11 @@ def add_routes(app: FastAPI, generator: Generator) -> None:
         return generator.weights_info()
 
     @app.post("/weights/init")
-    async def weights_init(body: WeightInitRequest, request: Request) -> dict:
-        authorize(request)
+    async def weights_init(body: WeightInitRequest) -> dict:
         return await generator.init_weights(body)
 
     @app.post("/weights/update")
-    async def weights_update(body: WeightUpdateRequest, request: Request) -> dict:
-        authorize(request)
+    async def weights_update(body: WeightUpdateRequest) -> dict:
         return await generator.update_weights(body)
 
 

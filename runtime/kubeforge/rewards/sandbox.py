@@ -30,14 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kubeforge.processes import TAG_ENV
+
 SYMPY_TIMEOUT_S = 5.0  # per comparison; generous because the reward host may be busy
 SYMPY_MEMORY_BYTES = 2 << 30  # the child's address-space limit: a runaway power fails fast instead of swapping
 WORKERS_ENV = "REWARD_WORKERS"
 # Unset REWARD_WORKERS: at most this many children, each up to SYMPY_MEMORY_BYTES (8 x 2 GiB at worst).
 DEFAULT_MAX_WORKERS = 8
 # The child's environment: only these names and prefixes of the role's, what Python and sympy read.
-# It runs sympy on model output, so no credential (KUBEFORGE_TOKEN, HF_TOKEN, ...) may be there.
-_CHILD_ENV = ("PATH", "HOME", "LANG", "TMPDIR", "LD_LIBRARY_PATH")
+# It runs sympy on model output, so no credential (HF_TOKEN, AWS_*, ...) may be there.
+# TAG_ENV: the launcher finds every process of a job by it, orphans included (kubeforge.processes).
+_CHILD_ENV = ("PATH", "HOME", "LANG", "TMPDIR", "LD_LIBRARY_PATH", TAG_ENV)
 _CHILD_ENV_PREFIXES = ("LC_", "PYTHON", "SYMPY_")
 
 # PR_SET_PDEATHSIG fires when the *thread* that started the child exits, not the process. Scoring
@@ -73,10 +76,11 @@ def configured_workers(environ: Mapping[str, str] | None = None) -> int:
 def _serve(memory_bytes: int) -> None:
     """The child's loop: a JSON line [source, source] on stdin -> "1" or "0" on stdout, until stdin closes."""
     import resource
+    import signal
 
-    from kubeforge.launcher import _die_with_launcher
+    from kubeforge.processes import die_with_parent
 
-    _die_with_launcher()  # SIGTERM when the reward role dies: a comparison stuck in sympy must not outlive it
+    die_with_parent(signal.SIGTERM)  # when the reward role dies: a comparison stuck in sympy must not outlive it
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import sympy
     from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations

@@ -8,7 +8,9 @@
     GET  /weights/names     the HF-named parameters a publish sends: name, dtype, shape
     GET  /status            step, policy version, last checkpoint and the app state saved with it
 
-POST routes change the policy: with a job token set, they need `Authorization: Bearer TOKEN`.
+Only the controller drives the trainer: every route but /weights/names (the job token) needs the
+controller's token (kubeforge.auth, checked by the role server before a route runs). A publish goes
+only to the job's own generators, and an export writes only under the run or checkpoint directory.
 Every POST runs on all ranks (Trainer.run), one at a time, in a thread: the event loop keeps
 answering probes and /metrics during a step.
 """
@@ -80,6 +82,37 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
+def export_dir(requested: str | Path, run_dir: Path, checkpoint_dir: Path) -> Path:
+    """Where an export may write: under the run directory or the checkpoint directory (the
+    checkpoint storage on Kubernetes), never elsewhere on the trainer's filesystem."""
+    roots = [Path(run_dir).resolve(), Path(checkpoint_dir).resolve()]
+    out = (roots[0] / requested).resolve()  # a relative path is taken from the run directory
+    if not any(out.is_relative_to(root) for root in roots):
+        raise HTTPException(
+            400, f"dir: {requested} is outside the run directory {roots[0]} and the checkpoint directory {roots[1]}"
+        )
+    return out
+
+
+def publish_targets(requested: Any, job_generators: list[str]) -> list[str]:
+    """The generators a publish goes to: the job's own (the contract's addresses), or a subset of
+    them. The sender presents the trainer's token to each, so never to an address a caller chose."""
+    if requested is None or requested == []:
+        if not job_generators:
+            raise HTTPException(400, "no generators to publish to: the job has none")
+        return job_generators
+    if not isinstance(requested, list) or not all(isinstance(u, str) for u in requested):
+        raise HTTPException(400, "generators: a list of the job's generator URLs")
+    known = {u.rstrip("/") for u in job_generators}
+    strangers = [u for u in requested if u.rstrip("/") not in known]
+    if strangers:
+        raise HTTPException(
+            400,
+            f"generators: {', '.join(strangers)} not among the job's generators ({', '.join(sorted(known)) or 'none'})",
+        )
+    return requested
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
@@ -118,13 +151,8 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
                 failure.set_exception(RuntimeError(f"trainer command {command.name!r} failed: {e}"))
             raise HTTPException(500, f"{command.name} failed, the trainer stops: {type(e).__name__}: {e}") from e
 
-    def authorize(request: Request) -> None:
-        if ctx.token and request.headers.get("authorization") != f"Bearer {ctx.token}":
-            raise HTTPException(401, "trainer POST routes need the job token (Authorization: Bearer ...)")
-
     async def checked_batch(request: Request) -> bytes:
         """The request's batch bytes; a bad batch is refused here, before any rank sees it."""
-        authorize(request)
         body = await request.body()
         try:
             batch = TrainBatch.decode(body)
@@ -156,7 +184,6 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
 
     @app.post("/checkpoint")
     async def checkpoint(request: Request) -> dict[str, Any]:
-        authorize(request)
         app_state = (await json_body(request)).get("app_state")
         path = await run(Command("checkpoint", {"app_state": app_state}))
         return {"path": str(path), "step": trainer.step, "policy_version": trainer.policy_version}
@@ -178,19 +205,15 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
 
     @app.post("/weights/export")
     async def export(request: Request) -> dict[str, Any]:
-        authorize(request)
         default = ctx.run_dir / "exports" / f"policy-v{trainer.policy_version}"
-        out = Path((await json_body(request)).get("dir") or default)
+        out = export_dir((await json_body(request)).get("dir") or default, ctx.run_dir, trainer.checkpoint_dir)
         path = await run(Command("export", {"dir": str(out)}))
         return {"path": str(path), "policy_version": trainer.policy_version}
 
     @app.post("/weights/publish")
     async def publish(request: Request) -> dict[str, Any]:
-        authorize(request)
         body = await json_body(request)
-        generators = body.get("generators") or ctx.peers.get("generator", [])
-        if not generators:
-            raise HTTPException(400, "no generators to publish to (none in the job, none in the request)")
+        generators = publish_targets(body.get("generators"), ctx.peers.get("generator", []))
         args = {"generators": generators, "reconnect": bool(body.get("reconnect"))}
         result = await run(Command("publish", args))
         SYNC_SECONDS.labels(**labels).observe(result["seconds"])

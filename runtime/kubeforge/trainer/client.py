@@ -9,16 +9,22 @@ import httpx
 
 from kubeforge.batch import CONTENT_TYPE, TrainBatch
 
+CONNECT_S = 10.0  # the trainer's port answers at once when the trainer is up
+
 
 class TrainerError(RuntimeError):
     """The trainer refused or failed a request; the message carries its answer."""
 
 
 class TrainerClient:
-    def __init__(self, url: str, *, token: str = "", timeout: float = 900.0):
+    def __init__(self, url: str, *, token: str = "", timeout: float | None = 3600.0):
+        """`timeout`: the longest one call may take (spec.stepDeadlineSeconds; None: no limit)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_S), headers=headers
+        )
 
     async def train(self, batch: TrainBatch) -> dict[str, Any]:
         """One optimizer step on `batch`; the step's metrics."""
@@ -45,7 +51,7 @@ class TrainerClient:
 
     async def status(self) -> dict[str, Any]:
         """step, policy_version, checkpoint, and the app_state of the checkpoint it resumed from."""
-        reply = await self._http.get("/status")
+        reply = await self._call("GET", "/status")
         self._check(reply)
         return reply.json()
 
@@ -53,9 +59,20 @@ class TrainerClient:
         await self._http.aclose()
 
     async def _post(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        reply = await self._http.post(path, **kwargs)
+        reply = await self._call("POST", path, **kwargs)
         self._check(reply)
         return reply.json()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as e:
+            if isinstance(e, httpx.ConnectTimeout):
+                raise
+            raise TrainerError(
+                f"trainer {path}: no answer within {self.timeout:.0f} s (spec.stepDeadlineSeconds); the step, "
+                "save or sync is still running there: raise the deadline if it is only slow"
+            ) from e
 
     @staticmethod
     def _check(reply: httpx.Response) -> None:

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torchtitan.distributed.utils import clip_grad_norm_
 
+from kubeforge import auth
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
 from kubeforge.losses import LOSSES, Normalise, Normalisers, choose, policy_loss
@@ -423,7 +424,7 @@ class Trainer:
                 self.ctx.weight_sync_addr,
                 bucket_bytes=self.settings.weight_sync_bucket_bytes,
                 device=self.device,
-                token=self.ctx.token,
+                token=self.ctx.credentials.token(auth.TRAINER),  # what the generators' weight routes need
             )
         wanted = [url.rstrip("/") for url in generators]
         if reconnect or self.sender.group is None or self.sender.generator_urls != wanted:
