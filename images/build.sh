@@ -105,6 +105,8 @@ if [[ ${#todo[@]} -gt 0 ]]; then
     if docker version > /dev/null 2>&1; then
       log "dockerd: using the one already running at $DOCKER_HOST (pid $(cat "$run/dockerd.pid" 2>/dev/null))"
     else
+      # Debian's Docker Engine and debootstrap (images/base.sh), installed on first use.
+      "$repo/testbed/apt-install.sh" images docker.io debootstrap || die "cannot install docker.io and debootstrap"
       command -v dockerd > /dev/null || die "dockerd not found (apt-get install docker.io)"
       mkdir -p "$run" "$cache/docker"
       echo '{}' > "$cache/daemon.json"

@@ -27,6 +27,7 @@ import() { # import ARCHIVE: unless this very file was imported before
     log "$(cat "$stamps/$key"): already imported"
     return 0
   fi
+  ensure_space "$tar"
   t0=$(date +%s)
   ctr --address "$sock" -n k8s.io images import "$tar" >&2 \
     || { log "ERROR: ctr images import $tar failed"; return 1; }
@@ -34,6 +35,30 @@ import() { # import ARCHIVE: unless this very file was imported before
     "$tar" > "$stamps/$key"
   log "$(cat "$stamps/$key"): imported in $(( $(date +%s) - t0 ))s ($(du -h "$tar" | cut -f1))"
   drop_other_tags "$(cat "$stamps/$key")"
+}
+
+# ensure_space ARCHIVE: room to import it. containerd keeps each layer twice (the blob and its unpacked
+# snapshot), so an import needs about twice the archive, plus a margin. Short of it, the stores of node
+# slots no running cluster holds go first (each is a whole runtime image, left by a cluster on another
+# slot); then, still short, a clear error instead of containerd's "no space left on device" mid-unpack.
+ensure_space() {
+  local need have dir slot claim
+  need=$(( $(stat -c %s "$1") * 2 / 1048576 + 2048 ))  # MiB
+  have=$(( $(df --output=avail -k "$cache" | tail -n 1) / 1024 ))
+  (( have >= need )) && return 0
+  for dir in "$cache"/containerd-*; do
+    slot="${dir##*/containerd-}"
+    [[ -d "$dir" && "$slot" =~ ^[0-9]+$ && "$slot" != "$NODE_SLOT" ]] || continue
+    claim="/run/kubeforge-testbed/slot-$slot"
+    if [[ -f "$claim" && -s "$(cat "$claim")/pids" ]]; then continue; fi  # a running cluster's node uses it
+    log "$(du -sh "$dir" 2>/dev/null | cut -f1) in $dir (slot $slot, no cluster runs there): removed to make room"
+    rm -rf "$dir" 2>/dev/null || true
+  done
+  have=$(( $(df --output=avail -k "$cache" | tail -n 1) / 1024 ))
+  (( have >= need )) || {
+    log "ERROR: importing $1 needs about ${need} MiB free under $cache, and $have MiB are; free some disk space (old clones, caches) and run again"
+    return 1
+  }
 }
 
 # drop_other_tags REF...: remove the node's other tags of each REF's repository. The runtime
