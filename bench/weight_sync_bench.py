@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from kubeforge import weight_sync  # noqa: E402
 from kubeforge.trainer import model as policy  # noqa: E402
 from kubeforge.weight_sync import SyncGroup, WeightReceiver, WeightSender  # noqa: E402
+from weight_sync_check import raw_broadcast  # noqa: E402
 
 # HF config.json fields of the Qwen3 checkpoints whose sizes are benchmarked (weights are random).
 _QWEN3 = dict(
@@ -394,7 +395,7 @@ class Bench:
             raw = []
             for round_ in range(self.args.rounds + 1):
                 _meet(group)
-                values = self._collect(group, f"{bucket_mib}/raw{round_}", [weight_sync._raw_broadcast(group, total)])
+                values = self._collect(group, f"{bucket_mib}/raw{round_}", [raw_broadcast(group, total)])
                 if round_ and role == "trainer":
                     raw.append(max(v[0] for v in values))
             if role == "trainer":
