@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubeforge.algorithm import Algorithm
+from kubeforge.validation import SpecError, parse_spec
 
-from apps.grpo.main import Config, Rollouts, build_batch
+from apps.grpo.main import EVAL_EVERY, Rollouts, build_batch
 from apps.grpo.task import CopyTask, Example
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +51,9 @@ def test_task_splits_are_disjoint_and_seeded():
 
 
 def test_config_reads_camel_case_algorithm_keys():
-    cfg = Config.from_algorithm({"groupSize": "4", "promptsPerStep": 2, "temperature": 0.7, "lr": 0.1})
-    assert (cfg.group_size, cfg.prompts_per_step, cfg.temperature, cfg.eval_every) == (4, 2, 0.7, 10)
+    cfg = Algorithm.model_validate({"groupSize": "4", "promptsPerStep": 2, "temperature": 0.7, "lr": 0.1})
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.temperature, cfg.eval_every) == (4, 2, 0.7, None)
+    assert EVAL_EVERY == 10  # the app's own, for a job that leaves evalEvery unset
 
 
 @pytest.mark.slow
@@ -104,8 +107,8 @@ def test_warmup_batch_is_the_answer_then_eos_trained_with_the_sft_loss(tmp_path)
 
 
 def test_a_bad_algorithm_value_names_the_field():
-    with pytest.raises(ValueError, match=r"spec.algorithm.groupSize: got 'many'; Input should be a valid integer"):
-        Config.from_algorithm({"groupSize": "many"})
+    with pytest.raises(SpecError, match=r"spec.algorithm.groupSize: got 'many'; expected a valid integer"):
+        parse_spec({"model": {"path": "/m"}, "algorithm": {"groupSize": "many"}})
 
 
 @pytest.mark.slow

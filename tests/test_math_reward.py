@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kubeforge.algorithm import Algorithm
 from kubeforge.rewards import REGISTRY, RewardClient, RewardError, sandbox
 from kubeforge.rewards.functions import from_algorithm
 from kubeforge.rewards.math import answers_match, correctness, extract_answer, format_reward
@@ -187,7 +188,7 @@ def test_a_pathological_expression_times_out_to_zero_and_the_worker_recovers(mon
 
 # A comparison that takes the whole per-answer timeout: 9**387420489 takes minutes.
 SLOW = {"prompt": "q", "completion": r"\boxed{9^{9^{9}}}", "answer": "5"}
-MATH = from_algorithm({"rewards": [{"name": "math"}]})
+MATH = from_algorithm(Algorithm.model_validate({"rewards": [{"name": "math"}]}))
 
 
 @pytest.fixture

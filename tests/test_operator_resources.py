@@ -134,8 +134,8 @@ def test_pod_views_read_the_api_servers_json(minimal_job):
     view = PodView.of(pod)
     assert (view.phase, view.ready, view.terminating) == ("Failed", True, True)
     assert (view.exit_code, view.reason, view.message) == (3, "Error", last_words)
-    assert view.failed and view.reported_error
-    assert view.describe_failure().endswith("failed (exit code 3, Error): CUDA out of memory")
+    assert view.failed and view.failure().reported_error
+    assert view.failure().describe().endswith("failed (exit code 3, Error): CUDA out of memory")
 
     running = {"phase": "Running", "containerStatuses": [{"name": "role", "state": {"running": {}}}]}
     view = PodView.of({"metadata": pod["metadata"] | {"deletionTimestamp": None}, "status": running})

@@ -17,7 +17,6 @@ from kubeforge.batch import CONTENT_TYPE, BatchError
 from kubeforge.reference.client import ReferenceClient, ReferenceError, decode_logprobs
 from kubeforge.spec import RLJobSpec
 from kubeforge.trainer.engine import Trainer
-from kubeforge.trainer.settings import TrainerSettings
 from test_trainer import AUTH, BAD, GOOD, TOKENS, RoleProcess, make_batch, response_logprobs, role_envs, small_batch
 
 REFERENCE_TOLERANCE = 1e-5
@@ -39,7 +38,7 @@ def checker(policy_version: int, reference=None, **spec_fields) -> Trainer:
     spec = RLJobSpec.model_validate({"model": {"path": "/m"}, **spec_fields})
     trainer = Trainer.__new__(Trainer)
     trainer.ctx = SimpleNamespace(spec=spec)
-    trainer.settings = TrainerSettings.from_algorithm(spec.algorithm)
+    trainer.settings = spec.algorithm
     trainer.hf_config = {"vocab_size": 128}
     trainer.model = SimpleNamespace(model_args=SimpleNamespace(max_seq_len=64))
     trainer.policy_version, trainer.staleness_bound, trainer.reference = policy_version, spec.staleness_bound, reference

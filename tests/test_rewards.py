@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from kubeforge import auth
+from kubeforge.algorithm import Algorithm
 from kubeforge.rewards import REGISTRY, RewardClient, RewardError, register
 from kubeforge.rewards.client import ANSWER_MARGIN_S
 from kubeforge.rewards.functions import WeightedReward, correctness, exact, format_reward, from_algorithm
@@ -58,7 +59,11 @@ def test_format_counts_characters_of_the_task_alphabet(completion, expected):
 
 
 def test_score_weights_components():
-    rewards = from_algorithm({"rewards": [{"name": "correctness", "weight": 1.0}, {"name": "format", "weight": 0.5}]})
+    rewards = from_algorithm(
+        Algorithm.model_validate(
+            {"rewards": [{"name": "correctness", "weight": 1.0}, {"name": "format", "weight": 0.5}]}
+        )
+    )
     out = score(
         rewards,
         [{"prompt": "ab", "completion": "ab", "answer": "ab"}, {"prompt": "ab", "completion": "bz", "answer": "ab"}],
@@ -102,11 +107,11 @@ def test_a_raising_function_fails_the_batch_it_is_in():
 
 def test_unknown_reward_name_is_refused_with_the_field():
     with pytest.raises(ValueError, match=r"spec.algorithm.rewards\[0\].name: got 'corectness'; expected one of"):
-        from_algorithm({"rewards": [{"name": "corectness"}]})
+        from_algorithm(Algorithm.model_validate({"rewards": [{"name": "corectness"}]}))
 
 
 def test_default_is_correctness_alone():
-    assert [r.name for r in from_algorithm({})] == ["correctness"]
+    assert [r.name for r in from_algorithm(Algorithm())] == ["correctness"]
 
 
 def test_a_name_registers_once():

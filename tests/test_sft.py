@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from kubeforge.algorithm import Algorithm
 from kubeforge.batch import BatchError, TrainBatch
+from kubeforge.validation import SpecError, parse_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apps.sft.data import (
@@ -27,7 +29,7 @@ from apps.sft.data import (
     tokenize_split,
     write_synthetic,
 )
-from apps.sft.main import Config
+from apps.sft.main import EVAL_EVERY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,11 +215,12 @@ def test_examples_come_from_a_directory_or_slices_of_one_file(tmp_path, tokenize
 
 
 def test_a_bad_algorithm_value_names_the_field():
-    assert Config.from_algorithm({"maxLength": "64", "lr": 0.1}).max_length == 64
+    assert Algorithm.model_validate({"maxLength": "64", "lr": 0.1}).max_length == 64
+    assert EVAL_EVERY == 50  # the app's own, for a job that leaves evalEvery unset
     with pytest.raises(
-        ValueError, match=r"spec.algorithm.rowsPerStep: got 0; Input should be greater than or equal to 1"
+        SpecError, match=r"spec.algorithm.rowsPerStep: got 0; expected a value greater than or equal to 1"
     ):
-        Config.from_algorithm({"rowsPerStep": 0})
+        parse_spec({"model": {"path": "/m"}, "algorithm": {"rowsPerStep": 0}})
 
 
 # -- the job ---------------------------------------------------------------------------------------------

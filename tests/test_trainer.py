@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from kubeforge import auth, contract
+from kubeforge.algorithm import Algorithm
 from kubeforge.batch import CONTENT_TYPE, BatchError, TrainBatch
 from kubeforge.launcher import allocate_ports, local_environments
 from kubeforge.losses import policy_loss
@@ -28,7 +29,7 @@ from kubeforge.spec import RLJobSpec
 from kubeforge.tiny_model import write_tiny_model
 from kubeforge.trainer.engine import Trainer
 from kubeforge.trainer.model import model_args_from_hf
-from kubeforge.trainer.settings import TrainerSettings
+from kubeforge.validation import SpecError, parse_spec
 from safetensors.torch import load_file
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,16 +210,16 @@ def test_a_batch_from_sampled_sequences():
 
 
 def test_settings_come_from_the_algorithm_section():
-    settings = TrainerSettings.from_algorithm({"lr": 3e-6, "clipEpsHigh": 0.28, "microBatchSize": 4, "groupSize": 8})
+    settings = Algorithm.model_validate({"lr": 3e-6, "clipEpsHigh": 0.28, "microBatchSize": 4, "groupSize": 8})
     assert (settings.lr, settings.clip_eps_high, settings.micro_batch_size) == (3e-6, 0.28, 4)
     assert settings.clip_eps_low is None and settings.betas == (0.9, 0.999)  # None: the loss variant's default
-    with pytest.raises(ValueError, match="spec.algorithm.lr: got 'fast'; Input should be a valid number"):
-        TrainerSettings.from_algorithm({"lr": "fast"})
+    with pytest.raises(SpecError, match="spec.algorithm.lr: got 'fast'; expected a valid number"):
+        parse_spec({"model": {"path": "/m"}, "algorithm": {"lr": "fast"}})
 
 
 def test_the_learning_rate_warms_up_then_holds_or_decays():
     def rates(**keys) -> list[float]:
-        settings = TrainerSettings.from_algorithm({"lr": 1.0, "lrWarmupSteps": 2, **keys})
+        settings = Algorithm.model_validate({"lr": 1.0, "lrWarmupSteps": 2, **keys})
         return [settings.lr_at(step, rl_steps=6) for step in range(9)]
 
     assert rates() == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 1])
@@ -230,14 +231,14 @@ def test_the_learning_rate_warms_up_then_holds_or_decays():
     )
     # GRPO's supervised warm-up steps (warmupSteps) are trainer steps: the decay spans them too.
     assert rates(lrDecay="linear", warmupSteps=2)[6:] == pytest.approx([2 / 6, 1 / 6, 0])
-    with pytest.raises(ValueError, match="spec.algorithm.lrDecay: got 'step'"):
-        TrainerSettings.from_algorithm({"lrDecay": "step"})
+    with pytest.raises(SpecError, match="spec.algorithm.lrDecay: got 'step'"):
+        parse_spec({"model": {"path": "/m"}, "algorithm": {"lrDecay": "step"}})
 
 
 @pytest.mark.parametrize("world_size, micro_batch_size", [(2, 0), (2, 2), (3, 1), (8, 0)])
 def test_every_row_is_trained_once_and_every_rank_runs_as_many_passes(world_size, micro_batch_size):
     batch = small_batch(rows=5)
-    settings = TrainerSettings(micro_batch_size=micro_batch_size)
+    settings = Algorithm(micro_batch_size=micro_batch_size)
     passes, seen = [], []
     for rank in range(world_size):
         shard = SimpleNamespace(rank=rank, world_size=world_size, settings=settings, device=torch.device("cpu"))

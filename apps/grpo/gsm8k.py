@@ -61,21 +61,14 @@ class GSM8KTask:
     @classmethod
     def from_spec(cls, spec: RLJobSpec, *, seed: int = 0) -> GSM8KTask:
         """The task a job's spec asks for: spec.dataset, plus algorithm.heldOutFraction and algorithm.evalSize."""
-        algorithm = spec.algorithm or {}
-        fraction = algorithm.get("heldOutFraction", 0.05)
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
-            raise ValueError(f"spec.algorithm.heldOutFraction: got {fraction!r}; expected a number between 0 and 1")
-        eval_size = algorithm.get("evalSize")
-        if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1):
-            raise ValueError(f"spec.algorithm.evalSize: got {eval_size!r}; expected a whole number >= 1")
         if not spec.dataset.path:
             raise ValueError("spec.dataset.path: not set; expected a GSM8K-style JSONL or Parquet file or directory")
         return cls(
             spec.dataset.path,
             split=spec.dataset.split,
             eval_split=spec.dataset.eval_split,
-            held_out_fraction=float(fraction),
-            eval_size=eval_size,
+            held_out_fraction=spec.algorithm.held_out_fraction,
+            eval_size=spec.algorithm.eval_size,
             seed=seed,
         )
 

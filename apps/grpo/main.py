@@ -30,18 +30,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kubeforge.advantages import group_advantages, informative_groups
-from kubeforge.algorithm import AlgorithmSettings
+from kubeforge.algorithm import Algorithm
 from kubeforge.batch import TrainBatch
 from kubeforge.cli import run_app
 from kubeforge.controller import Job
 from kubeforge.controller.generators import GeneratorPool
 from kubeforge.episodes import EpisodeId, Ledger, State
 from kubeforge.evaluation import summarize
+from kubeforge.losses import LOSSES
 from kubeforge.reference.client import ReferenceClient
 from kubeforge.report import plot_reward_curve
 from kubeforge.rewards import RewardClient
 from kubeforge.trainer.client import TrainerClient
-from pydantic import Field
 from transformers import AutoTokenizer
 
 from apps.grpo.gsm8k import GSM8KTask
@@ -50,22 +50,9 @@ from apps.grpo.task import CopyTask, Example, Task
 log = logging.getLogger("apps.grpo")
 
 
-class Config(AlgorithmSettings):
-    """spec.algorithm keys the loop reads (camelCase in YAML); the trainer reads its own (lr, ...)."""
-
-    seed: int = 0
-    prompts_per_step: int = Field(16, ge=1)
-    group_size: int = Field(8, ge=1)
-    temperature: float = Field(1.0, ge=0)  # the trainer reads the same key: its logprobs must match the sampling
-    eval_every: int = Field(10, ge=1)
-    warmup_steps: int = Field(0, ge=0)  # supervised steps on the train split before RL (see `warmup_batch`)
-    max_new_tokens: int = Field(0, ge=0)  # 0: the task's own
-    # Held-out evaluation: 1 sample per prompt is greedy; more are sampled at `temperature` and
-    # give pass@k for k = 1 and evalSamples (a sample passes when the first reward in
-    # spec.algorithm.rewards, the correctness one, is 1).
-    eval_samples: int = Field(1, ge=1)
-    loss: str = "grpo"  # the trainer reads the same key; dr_grpo's advantages are not divided by the std
-    dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ
+# Steps between held-out evaluations when spec.algorithm.evalEvery is unset: the apps share the
+# key but not its default (apps/sft: 50), so each keeps its own.
+EVAL_EVERY = 10
 
 
 @dataclass
@@ -173,9 +160,10 @@ class GRPO:
     """The loop's state: what a checkpoint saves and a resume restores."""
 
     def __init__(
-        self, job: Job, cfg: Config, task: Task, policy: Policy, rewards: RewardClient, trainer: TrainerClient
+        self, job: Job, cfg: Algorithm, task: Task, policy: Policy, rewards: RewardClient, trainer: TrainerClient
     ):
         self.job, self.cfg, self.task = job, cfg, task
+        self.eval_every = cfg.eval_every or EVAL_EVERY
         self.policy, self.rewards, self.trainer = policy, rewards, trainer
         reference = job.spec.roles.reference
         # Colocated, the trainer computes them itself; otherwise the reference replicas do.
@@ -295,7 +283,9 @@ class GRPO:
             rollouts=rollouts,
             rewards=scores["rewards"],
             components=scores["components"],
-            advantages=group_advantages(scores["rewards"], cfg.group_size, scale_by_std=cfg.loss != "dr_grpo"),
+            advantages=group_advantages(
+                scores["rewards"], cfg.group_size, scale_by_std=LOSSES[cfg.loss].scale_advantages_by_std
+            ),
             end_position=self.position,
             seconds={"generate_seconds": t1 - t0, "reward_seconds": t2 - t1},
         )
@@ -380,7 +370,7 @@ class GRPO:
                 row = await self.train(batch)
                 row["buffer_depth"] = queue.qsize()
                 self.record(metrics, row)
-                if self.step % self.cfg.eval_every == 0 or self.step == steps:
+                if self.step % self.eval_every == 0 or self.step == steps:
                     await self.start_eval(metrics, self.step)
             await asyncio.gather(*self._evals)
         finally:
@@ -407,12 +397,13 @@ class GRPO:
 
 
 async def main(job: Job) -> None:
-    cfg = Config.from_algorithm(job.spec.algorithm)
+    cfg = job.spec.algorithm
     # spec.dataset.path names GSM8K-style files; without it the job runs the synthetic copy task.
     task = GSM8KTask.from_spec(job.spec, seed=cfg.seed) if job.spec.dataset.path else CopyTask(seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
     trainer = job.trainer_client()
-    policy = Policy(GeneratorPool(job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
+    # The generator set is read again before each use: it follows spec edits (replicas scaled up or down).
+    policy = Policy(GeneratorPool(lambda: job.urls("generator"), trainer, token=job.ctx.token), tokenizer)
     rewards = RewardClient(job.urls("reward"), token=job.ctx.token)
     loop = GRPO(job, cfg, task, policy, rewards, trainer)
     started = time.monotonic()
@@ -453,7 +444,7 @@ def log_step(row: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def write_summary(job: Job, cfg: Config, history: list[dict[str, Any]], seconds: float) -> None:
+def write_summary(job: Job, cfg: Algorithm, history: list[dict[str, Any]], seconds: float) -> None:
     """A table of held-out rewards (before, after warm-up, after RL) and the reward curve."""
     evals = [r for r in history if "eval_reward" in r]
     columns = {"before": evals[0]} if evals and evals[0]["step"] == 0 else {}

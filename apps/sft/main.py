@@ -24,11 +24,10 @@ import sys
 import time
 from typing import Any
 
-from kubeforge.algorithm import AlgorithmSettings
+from kubeforge.algorithm import Algorithm
 from kubeforge.cli import run_app
 from kubeforge.controller import Job
 from kubeforge.trainer.client import TrainerClient
-from pydantic import Field
 from transformers import AutoTokenizer
 
 from apps.sft.data import Example, epochs, load_examples, pack, to_batch
@@ -36,22 +35,15 @@ from apps.sft.data import Example, epochs, load_examples, pack, to_batch
 log = logging.getLogger("apps.sft")
 
 
-class Config(AlgorithmSettings):
-    """spec.algorithm keys the loop reads (camelCase in YAML); the trainer reads its own (lr, ...)."""
-
-    seed: int = 0
-    max_length: int = Field(2048, ge=2, description="tokens per packed row; longer examples are cut")
-    rows_per_step: int = Field(8, ge=1, description="packed rows per optimizer step")
-    pack: bool = True  # False: one example per row
-    eval_every: int = Field(50, ge=1)
-    eval_max_examples: int = Field(0, ge=0, description="held-out examples evaluated; 0: all")
-    export_every: int = Field(0, ge=0, description="HF export every N steps; 0: only at the end")
+# Steps between held-out evaluations when spec.algorithm.evalEvery is unset: the apps share the
+# key but not its default (apps/grpo: 10), so each keeps its own.
+EVAL_EVERY = 50
 
 
 class SFT:
     """The loop's state: the step is all of it (the data stream is a function of the seed and the step)."""
 
-    def __init__(self, job: Job, cfg: Config, trainer: TrainerClient, pad_id: int):
+    def __init__(self, job: Job, cfg: Algorithm, trainer: TrainerClient, pad_id: int):
         self.job, self.cfg, self.trainer, self.pad_id = job, cfg, trainer, pad_id
         self.step = 0
         self.policy_version = 0
@@ -94,7 +86,8 @@ class SFT:
 
 
 async def main(job: Job) -> None:
-    cfg = Config.from_algorithm(job.spec.algorithm or {})
+    cfg = job.spec.algorithm
+    eval_every = cfg.eval_every or EVAL_EVERY
     dataset = job.spec.dataset
     tokenizer = AutoTokenizer.from_pretrained(job.spec.model.tokenizer or job.spec.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -129,7 +122,7 @@ async def main(job: Job) -> None:
             interval = job.spec.checkpoint.interval
             if interval and loop.step % interval == 0:
                 await trainer.checkpoint()
-            if held_out and (loop.step % cfg.eval_every == 0 or loop.step == steps):
+            if held_out and (loop.step % eval_every == 0 or loop.step == steps):
                 record(await loop.evaluate(held_out))
             if cfg.export_every and loop.step % cfg.export_every == 0 and loop.step < steps:
                 await loop.export()

@@ -5,10 +5,10 @@ with peers on 127.0.0.1 ports, streams each role's log with a prefix, waits for 
 shows the controller's progress, and stops every process it started when the job ends, when a
 role fails for good, or on Ctrl-C. The exit code says how the job ended.
 
-A role that dies is handled by spec.failurePolicy, as the operator handles a lost pod:
-RestartPod starts that process again alone; RestartFromCheckpoint starts the trainer group and
-the controller again (they resume from the last checkpoint); FailJob, or a spent restart
-budget, ends the job with the role's error.
+A role that dies is handled by spec.failurePolicy, decided by kubeforge.failure_policy as for the
+operator's lost pods: RestartPod starts that process again alone; RestartFromCheckpoint starts the
+trainer group and the controller again (they resume from the last checkpoint); FailJob, or a spent
+restart budget, ends the job with the role's error. Roles found exited at one poll are one decision.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import httpx
 
 from kubeforge import auth, contract, processes
 from kubeforge.contract import Endpoints, Instance
+from kubeforge.failure_policy import Counters, Failure, Observed, plan_failure
 from kubeforge.spec import Progress, RLJob, RLJobSpec, RLJobStatus, RoleCount
 
 LOCALHOST = "127.0.0.1"
@@ -323,37 +324,48 @@ class Launcher:
 
     # -- failures ----------------------------------------------------------------------------
 
-    def recover(self, failed: Role) -> None:
-        """Apply spec.failurePolicy to `failed`: restart what the rule says, or raise LaunchError."""
+    def recover(self, failed: list[Role]) -> None:
+        """Apply spec.failurePolicy to the roles found failed together, as kubeforge.failure_policy
+        decides: restart its victims, or raise LaunchError."""
         policy = self.job.spec.failure_policy
-        code = failed.process.returncode
-        # Exit codes as a container reports them: 128 + N for a process killed by signal N.
-        exit_code = 128 - code if code < 0 else code
-        role_error = contract.permanent_error(self._last_words(failed))
-        action = policy.action_for(failed.instance.role, exit_code=exit_code, reason="Error", role_error=role_error)
-        if action == "FailJob":
-            self._raise_exited(failed)
-        if self.status.restarts >= policy.max_restarts:
+        counters = Counters(self.status.restarts, self.status.restarts_by_role, self.status.restarts_by_instance)
+        decision = plan_failure(
+            policy, Observed([self._failure(r) for r in failed], [r.instance for r in self.roles], counters)
+        )
+        cause = next(r for r in failed if r.instance == decision.cause.instance)
+        if decision.budget_spent:
             self.say(f"restart budget spent ({policy.max_restarts}, failurePolicy.maxRestarts)")
-            self._raise_exited(failed)
-        if action == "RestartPod":
-            restart = [failed]
-        else:  # RestartFromCheckpoint: the training state lives in the trainer group and the controller
-            restart = [r for r in self.roles if r.instance.role in ("trainer", "controller")]
-        self.say(f"{failed.name} {self._how(failed)}; {action}: restarting {', '.join(r.name for r in restart)}")
-        self._stop_roles(r for r in restart if r is not failed)
-        # What the dead role left behind, in its group or not (torchrun's workers), must not hold
-        # the ports or the memory its next process needs.
-        _signal_group(failed.process, signal.SIGKILL)
-        processes.kill(processes.find(self._launch, [failed.name]))
-        failed.process.wait()
-        self.status.restarts += 1
-        by_role, by_instance = self.status.restarts_by_role, self.status.restarts_by_instance
-        by_role[failed.instance.role] = by_role.get(failed.instance.role, 0) + 1
-        by_instance[failed.name] = by_instance.get(failed.name, 0) + 1
-        for role in restart:
+        if decision.fail_job:
+            self._raise_exited(cause)
+        victims = [r for r in self.roles if r.instance in decision.victims]
+        how = "; ".join(f"{r.name} {self._how(r)}" for r in failed)
+        action = "RestartFromCheckpoint" if decision.from_checkpoint else "RestartPod"
+        self.say(f"{how}; {action}: restarting {', '.join(r.name for r in victims)}")
+        self._restart(victims, failed)
+        self.status.restarts = decision.counters.restarts
+        self.status.restarts_by_role = dict(decision.counters.by_role)
+        self.status.restarts_by_instance = dict(decision.counters.by_instance)
+        self._set_phase("Restarting", decision.message)
+
+    def _failure(self, role: Role) -> Failure:
+        """An exited role as the failure policy reads it."""
+        code = role.process.returncode
+        # Exit codes as a container reports them: 128 + N for a process killed by signal N. A process
+        # has no termination reason; "Error" is what the kubelet reports for any non-zero exit but OOM.
+        exit_code = 128 - code if code < 0 else code
+        return Failure(role.instance, role.name, exit_code, "Error", self._last_words(role))
+
+    def _restart(self, victims: list[Role], failed: list[Role]) -> None:
+        """Stop the victims still running, clear what the failed ones left, and start every victim again."""
+        self._stop_roles(r for r in victims if r not in failed)
+        for role in failed:
+            # What the dead role left behind, in its group or not (torchrun's workers), must not hold
+            # the ports or the memory its next process needs.
+            _signal_group(role.process, signal.SIGKILL)
+            processes.kill(processes.find(self._launch, [role.name]))
+            role.process.wait()
+        for role in victims:
             self.roles[self.roles.index(role)] = self._spawn(role.instance)
-        self._set_phase("Restarting", f"{failed.name} {self._how(failed)}")
 
     def _how(self, role: Role) -> str:
         code = role.process.returncode
@@ -363,16 +375,13 @@ class Launcher:
 
     # -- watch -------------------------------------------------------------------------------
 
-    def _failed_role(self) -> Role | None:
-        """A role that exited, unless it is the controller finishing successfully."""
-        for role in self.roles:
-            code = role.process.poll()
-            if code is None:
-                continue
-            if role.instance.role == "controller" and code == 0:
-                continue
-            return role
-        return None
+    def _failed_roles(self) -> list[Role]:
+        """Every role that exited, but the controller finishing successfully; in start order."""
+        return [
+            role
+            for role in self.roles
+            if (code := role.process.poll()) is not None and not (role.instance.role == "controller" and code == 0)
+        ]
 
     def _raise_exited(self, role: Role) -> None:
         how = self._how(role)
@@ -386,9 +395,9 @@ class Launcher:
         deadline = started + self.options.ready_timeout
         answers: dict[str, str] = {}
         while not all(r.ready for r in self.roles):
-            failed = self._failed_role()
+            failed = self._failed_roles()
             if failed:
-                self._raise_exited(failed)
+                self._raise_exited(failed[0])
             for role in self.roles:
                 if role.ready:
                     continue
@@ -425,7 +434,7 @@ class Launcher:
         started = time.monotonic()
         shown_step = -1
         while True:
-            failed = self._failed_role()
+            failed = self._failed_roles()
             if failed:
                 self.recover(failed)
                 controller = next(r for r in self.roles if r.instance.role == "controller")

@@ -2,8 +2,10 @@
 
 Each variant is one small function with the same signature, `(inputs, eps_low, eps_high) ->
 (per-token loss terms [B, T], where its clip acted [B, T])`, registered in `LOSSES` with how its
-terms are averaged (`Normalise`) and its clip defaults. `policy_loss` does the shared part: the
-ratio's reference, the TIS weight, the KL term and the average. docs/algorithms.md gives every formula.
+terms are averaged (`Normalise`), its clip defaults and whether the app scales its advantages by
+the group's std. `policy_loss` does the shared part: the ratio's reference, the TIS weight, the KL
+term and the average, as the job's `LossSettings` (spec.algorithm's loss keys) ask. docs/algorithms.md
+gives every formula.
 
 Data parallelism: every normaliser (tokens, sequences, longest response) is the whole batch's
 (`Normalisers.of(batch mask)`), handed to each rank and micro-batch, so the ranks' losses and
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+
+from kubeforge.algorithm import LossSettings
 
 
 class Normalise(Enum):
@@ -59,16 +63,9 @@ class Variant:
     clip_eps_low: float
     clip_eps_high: float
     policy_gradient: bool = True  # False: behaviour logprobs, advantages, TIS and KL play no part
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    loss: str = "grpo"
-    clip_eps_low: float | None = None  # None: the variant's default
-    clip_eps_high: float | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    tis_cap: float = 0.0  # 0: no truncated importance sampling
+    # Whether the app divides each group's advantages by the group's std (kubeforge.advantages):
+    # GRPO's normalisation; Dr. GRPO drops it, since it biases towards groups of near-equal rewards.
+    scale_advantages_by_std: bool = True
 
 
 def token_ratio(inputs: PolicyInputs) -> torch.Tensor:
@@ -119,7 +116,7 @@ def sft(inputs: PolicyInputs, eps_low: float, eps_high: float) -> tuple[torch.Te
 
 LOSSES: dict[str, Variant] = {
     "grpo": Variant(ppo_clip, Normalise.SEQUENCE, 0.2, 0.2),
-    "dr_grpo": Variant(ppo_clip, Normalise.BUDGET, 0.2, 0.2),
+    "dr_grpo": Variant(ppo_clip, Normalise.BUDGET, 0.2, 0.2, scale_advantages_by_std=False),
     "dapo": Variant(ppo_clip, Normalise.TOKEN, 0.2, 0.28),
     "gspo": Variant(gspo, Normalise.SEQUENCE, 3e-4, 4e-4),
     # MiniMax-M1 sets no lower bound on the weight (eps_low 1 clips at 0) and tunes the upper one;
@@ -149,6 +146,17 @@ def choose(field: str, value: object, options: dict[str, object]) -> None:
         raise ValueError(f"{field}: got {value!r}; expected one of {', '.join(map(repr, options))}")
 
 
+def check_settings(settings: LossSettings) -> None:
+    """Refuse a loss or KL estimator these registries lack, naming the spec field. The schema
+    (kubeforge.algorithm) holds them as plain names, since it may not import torch; the trainer
+    calls this when it starts, so that a wrong name fails the job before its first step."""
+    choose("spec.algorithm.loss", settings.loss, LOSSES)
+    choose("spec.algorithm.klEstimator", settings.kl_estimator, KL_ESTIMATORS)
+
+
+DEFAULT_SETTINGS = LossSettings()  # spec.algorithm's defaults (kubeforge.algorithm)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     behaviour_logprobs: torch.Tensor,
@@ -156,7 +164,7 @@ def policy_loss(
     mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None = None,
     *,
-    settings: LossSettings = LossSettings(),
+    settings: LossSettings = DEFAULT_SETTINGS,
     norm: Normalisers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss of `settings.loss` and detached metrics, each a token mean over `norm.tokens`.

@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from kubeforge.algorithm import Algorithm
+from kubeforge.schema import Model
 
 API_GROUP = "kubeforge.dev"
 API_VERSION = "v1alpha1"
@@ -69,20 +72,6 @@ def _check_label_keys(selector: dict[str, str]) -> dict[str, str]:
 
 EnvVars = Annotated[dict[str, str], AfterValidator(_check_env_names)]
 NodeSelector = Annotated[dict[str, str], AfterValidator(_check_label_keys)]
-
-
-class Model(BaseModel):
-    """Base for every spec object: camelCase aliases, unknown fields are errors."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        validate_default=True,
-    )
-
-    def to_yaml_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,10 +415,10 @@ class RLJobSpec(Model):
     )
     roles: Roles = Field(default_factory=Roles)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
-    algorithm: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Free-form settings handed to the app (loss, group size, learning rate, ...).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    algorithm: Algorithm = Field(
+        default_factory=Algorithm,
+        description="The loss, the optimizer, the app's loop and the rewards: every key any role reads "
+        "(kubeforge.algorithm, docs/algorithms.md); an unknown key is refused.",
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
@@ -559,7 +548,9 @@ class RLJobStatus(Model):
     )
     stuck: StuckPod | None = Field(None, description="The first pod that does not start, and why.")
     completion_time: str | None = None
-    observed_generation: int | None = None
+    observed_generation: int | None = Field(
+        None, description="The spec generation the job's pods read: its spec ConfigMap holds it (spec edits)."
+    )
 
 
 class RLJob(Model):

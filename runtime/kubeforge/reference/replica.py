@@ -14,14 +14,13 @@ from kubeforge.contract import RoleContext
 from kubeforge.reference.model import load_frozen
 from kubeforge.trainer import model as policy
 from kubeforge.trainer.engine import check_tokens
-from kubeforge.trainer.settings import TrainerSettings
 
 
 class ReferenceModel:
     def __init__(self, ctx: RoleContext):
         spec = ctx.spec
         # The trainer's temperature (its logprobs and these must compare like with like) and micro-batch size.
-        self.settings = TrainerSettings.from_algorithm(spec.algorithm)
+        self.settings = spec.algorithm
         self.device = torch.device("cuda", 0) if spec.roles.reference.gpus > 0 else torch.device("cpu")
         # The trainer's FSDP build needs a process group: this replica is a group of one.
         backend = "nccl" if self.device.type == "cuda" else "gloo"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
+from kubeforge.algorithm import Algorithm
 from kubeforge.rewards import math as math_rewards
 
 RewardFn = Callable[[str, str, str], float]
@@ -76,15 +76,14 @@ class WeightedReward:
     fn: RewardFn
 
 
-def from_algorithm(algorithm: dict[str, Any]) -> list[WeightedReward]:
-    """The reward functions spec.algorithm.rewards names (default: correctness alone)."""
-    entries = algorithm.get("rewards") or [{"name": "correctness", "weight": 1.0}]
+def from_algorithm(algorithm: Algorithm) -> list[WeightedReward]:
+    """The reward functions spec.algorithm.rewards names; the schema holds plain names, checked here
+    against the registry (which user code may extend with `register`)."""
     rewards = []
-    for i, entry in enumerate(entries):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in REGISTRY:
+    for i, entry in enumerate(algorithm.rewards):
+        if entry.name not in REGISTRY:
             raise ValueError(
-                f"spec.algorithm.rewards[{i}].name: got {name!r}; expected one of {', '.join(sorted(REGISTRY))}"
+                f"spec.algorithm.rewards[{i}].name: got {entry.name!r}; expected one of {', '.join(sorted(REGISTRY))}"
             )
-        rewards.append(WeightedReward(name, float(entry.get("weight", 1.0)), REGISTRY[name]))
+        rewards.append(WeightedReward(entry.name, entry.weight, REGISTRY[entry.name]))
     return rewards

@@ -55,7 +55,7 @@ class ScoreRequest(BaseModel):
 
 
 async def run(server: serving.RoleServer) -> None:
-    rewards = functions.from_algorithm(server.ctx.spec.algorithm or {})
+    rewards = functions.from_algorithm(server.ctx.spec.algorithm)
     threads = sandbox.configured_workers()  # a bad REWARD_WORKERS fails the role at start, with its message
     labels = serving.role_labels(server.ctx)
     ERRORS.labels(**labels)  # a zero, not a missing series, until the first error

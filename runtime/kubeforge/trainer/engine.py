@@ -29,12 +29,11 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from kubeforge import auth
 from kubeforge.batch import BatchError, TrainBatch
 from kubeforge.contract import RoleContext
-from kubeforge.losses import LOSSES, Normalise, Normalisers, choose, policy_loss
+from kubeforge.losses import LOSSES, Normalise, Normalisers, check_settings, choose, policy_loss
 from kubeforge.reference.model import load_frozen
 from kubeforge.trainer import checkpoint as checkpoints
 from kubeforge.trainer import model as policy
 from kubeforge.trainer.commands import STOP, Command, CommandChannel
-from kubeforge.trainer.settings import TrainerSettings
 from kubeforge.weight_sync import WeightSender
 
 log = logging.getLogger("kubeforge.trainer")
@@ -78,7 +77,8 @@ class Trainer:
         if spec.roles.trainer.tensor_parallel > 1:
             raise NotImplementedError("tensorParallel > 1: the trainer shards with FSDP only so far")
         self.ctx = ctx
-        self.settings = TrainerSettings.from_algorithm(spec.algorithm)
+        self.settings = spec.algorithm
+        check_settings(self.settings)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device
         self.channel = CommandChannel()
