@@ -4,6 +4,7 @@ The operator running with the chart's RBAC is e2e/test_rbac.py."""
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from chart import CHART, helm, render
 from cluster import GROUP, PLURAL, REPO, VERSION
+from kubeforge import auth
 from kubeforge_operator.resources import HTTP_PORT, JobRef, Scraper, network_policy
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -74,6 +76,7 @@ def test_default_render(tmp_path: Path) -> None:
         ("Role", "forge-operator-leader-election", ns),
         ("RoleBinding", "forge-operator", ns),
         ("RoleBinding", "forge-operator-leader-election", ns),
+        ("Secret", "forge-operator-token-key", ns),
         ("Service", "forge-operator", ns),
         ("Service", "forge-operator-metrics", ns),
         ("ServiceAccount", "forge-operator", ns),
@@ -101,8 +104,26 @@ def test_default_render(tmp_path: Path) -> None:
         f"--liveness=http://0.0.0.0:{ports['health']}/healthz",
         f"--progress-listen=0.0.0.0:{ports['progress']}",
         f"--progress-url-base=http://forge-operator.{ns}.svc:{progress['port']}",
+        "--token-key-file=/var/run/kubeforge/token-key/key",
         "--scraper-pod-labels=app.kubernetes.io/name=prometheus",
     ]
+    # The token signing key (kubeforge_operator.signing): made by the chart, kept, mounted read-only.
+    key = only(objects, "Secret", "forge-operator-token-key")
+    assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(key["data"]["key"])) >= auth.MIN_KEY_BYTES
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "token-key")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "token-key")
+    assert mount == {"name": "token-key", "mountPath": "/var/run/kubeforge/token-key", "readOnly": True}
+    assert volume["secret"] == {
+        "secretName": "forge-operator-token-key",
+        "items": [{"key": "key", "path": "key"}],
+        "defaultMode": 0o400,
+    }
+    # A key of the user's own: the chart makes none and mounts theirs.
+    own = render("tokenKey.existingSecret=my-key", "tokenKey.secretKey=k", home=tmp_path)
+    assert not [o for o in own if o["kind"] == "Secret"]
+    assert next(v for v in only(own, "Deployment")["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == "token-key")["secret"]["secretName"] == "my-key"  # fmt: skip
     assert progress["targetPort"] == "progress"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["readinessProbe"]["tcpSocket"] == {"port": "progress"}
@@ -310,10 +331,16 @@ def test_install_upgrade_uninstall_keep_the_crd_and_jobs(cluster: Path, namespac
            "spec": {"model": {"path": "/models/m"}}}  # fmt: skip
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
 
+    def signing_key() -> str:
+        return client.CoreV1Api().read_namespaced_secret(f"{fullname}-token-key", operator_namespace).data["key"]
+
+    key = signing_key()
     run("upgrade", release, str(CHART), "--reuse-values", "--set", "operator.verbose=true", "--wait")
     args = apps.read_namespaced_deployment(fullname, operator_namespace).spec.template.spec.containers[0].args
     assert "--verbose" in args, args
     assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "kept")
+    # The upgrade read the key back: running jobs' tokens stay good.
+    assert signing_key() == key
 
     out = run("uninstall", release, "--wait")  # --wait: returns once everything it deletes is gone
     assert CRD_NAME in out, f"helm should report the CRD as kept: {out}"
@@ -322,4 +349,5 @@ def test_install_upgrade_uninstall_keep_the_crd_and_jobs(cluster: Path, namespac
     assert gone.value.status == 404
     assert ext.read_custom_resource_definition(CRD_NAME).metadata.deletion_timestamp is None
     assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "kept")["metadata"]["name"] == "kept"
+    assert signing_key() == key  # kept with the jobs it signs
     client.CoreV1Api().delete_namespace(operator_namespace)

@@ -138,7 +138,7 @@ def test_a_job_becomes_running_with_every_pod_and_readable_status(namespace: str
     assert env["KUBEFORGE_TOKEN_DIR"] == "/var/run/kubeforge/tokens"
     assert not any(e.value_from for e in trainer1.spec.containers[0].env)
     tokens = next(v for v in trainer1.spec.volumes if v.name == "tokens").secret
-    assert tokens.secret_name == "grpo-token"
+    assert tokens.secret_name == f"grpo-token-{get(namespace, 'grpo')['metadata']['uid'][:8]}"
     assert sorted(item.key for item in tokens.items) == ["digests.json", "job", "trainer"]
     controller = found["controller-0"]
     tokens = next(v for v in controller.spec.volumes if v.name == "tokens").secret
@@ -321,7 +321,7 @@ def test_progress_pushed_by_the_controller_lands_in_status(namespace: str, opera
     controller_env = {e.name: e.value for e in pods(namespace)["controller-0"].spec.containers[0].env}
     url = controller_env["KUBEFORGE_PROGRESS_URL"]
     assert url == f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
-    secret = client.CoreV1Api().read_namespaced_secret("grpo-token", namespace)
+    secret = client.CoreV1Api().read_namespaced_secret(token_secret(namespace), namespace)
     token = base64.b64decode(secret.data["controller"]).decode()
     report = {"step": 7, "policyVersion": 7, "rewardMean": 0.5, "weightSyncSeconds": 0.02}
     assert httpx.post(url, json=report, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -335,32 +335,40 @@ def test_progress_pushed_by_the_controller_lands_in_status(namespace: str, opera
     assert (row["Step"], row["Reward"]) == (7, 0.5)
 
 
-def test_a_foreign_token_is_refused_and_a_re_created_job_gets_a_token_of_its_own(
+def token_secret(namespace: str, name: str = "grpo") -> str:
+    return f"{name}-token-{get(namespace, name)['metadata']['uid'][:8]}"
+
+
+def test_a_foreign_spec_is_refused_and_a_re_created_job_gets_a_token_of_its_own(
     namespace: str, operator: Operator
 ) -> None:
-    # Issue 16, item 12: a <job>-token this RLJob does not own is refused, and nothing is created.
+    # Issue 16, item 12: a <job>-spec this RLJob does not own is refused, and nothing is created.
     core = client.CoreV1Api()
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "grpo-token"}, "stringData": {"token": "planted"}})
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "grpo-spec"}, "data": {"spec.json": "{}"}})
+    # A Secret under the job's token name before the uid was in it: never used (item 19: never even read).
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "grpo-token"}, "stringData": {"job": "planted"}})
     create(namespace, job_body())
     wait_for(
         "ForeignObject in status",
         lambda: (status(namespace, "grpo").get("stuck") or {}).get("reason") == "ForeignObject",
         operator=operator,
     )
-    assert status(namespace, "grpo")["stuck"]["pod"] == "Secret grpo-token"
+    assert status(namespace, "grpo")["stuck"]["pod"] == "ConfigMap grpo-spec"
     assert not pods(namespace)
-    assert not core.list_namespaced_config_map(namespace, label_selector="kubeforge.dev/job=grpo").items
+    assert not core.list_namespaced_secret(namespace, label_selector="kubeforge.dev/job=grpo").items
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=grpo").items
-    assert any(e.reason == "ForeignObject" and "grpo-token" in e.message for e in events)
+    assert any(e.reason == "ForeignObject" and "grpo-spec" in e.message for e in events)
     url = f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
     report = {"step": 1}
     assert httpx.post(url, json=report, headers={"Authorization": "Bearer planted"}).status_code == 401
-    core.delete_namespaced_secret("grpo-token", namespace)
+    core.delete_namespaced_config_map("grpo-spec", namespace)
     wait_for("phase Running", lambda: running(namespace), operator=operator)
+    volumes = [v.secret for p in pods(namespace).values() for v in p.spec.volumes if v.name == "tokens"]
+    assert {v.secret_name for v in volumes} == {token_secret(namespace)}
 
     # Item 14: deleted and re-created under the same name, the new job's token works and the old one not.
     def token() -> str:
-        secret = core.read_namespaced_secret("grpo-token", namespace)
+        secret = core.read_namespaced_secret(token_secret(namespace), namespace)
         return base64.b64decode(secret.data["controller"]).decode()
 
     old = token()
@@ -392,6 +400,46 @@ def test_scaling_generators_down_removes_the_extra_pod(namespace: str, operator:
         lambda: status(namespace, "grpo")["roles"]["generator"] == {"ready": 1, "total": 1},
         operator=operator,
     )
+    # Issue 16, item 13: the spec the running pods read follows the edit, peers included.
+    config = client.CoreV1Api().read_namespaced_config_map("grpo-spec", namespace).data
+    assert json.loads(config["spec.json"])["roles"]["generator"]["replicas"] == 1
+    assert [u.split(".")[0] for u in json.loads(config["peers.json"])["generator"]] == ["http://grpo-generator-0"]
+    assert status(namespace, "grpo")["observedGeneration"] == get(namespace, "grpo")["metadata"]["generation"]
+
+
+# (what is edited, the patch, the field the refusal names): fields a running job could not follow.
+IMMUTABLE_EDITS = [
+    ("model", {"model": {"path": "/models/other"}}, "spec.model"),
+    ("trainer nodes", {"roles": {"trainer": {"nodes": 3}}}, "spec.roles.trainer"),
+    ("generator GPUs", {"roles": {"generator": {"gpus": 2}}}, "spec.roles.generator.gpus"),
+    ("image", {"image": "kubeforge/runtime-cpu:other"}, "spec.image"),
+    ("steps", {"steps": 7}, "spec.steps"),
+    ("algorithm", {"algorithm": {"lr": 0.5}}, "spec.algorithm"),
+    ("step deadline", {"stepDeadlineSeconds": 60}, "spec.stepDeadlineSeconds"),
+]
+# Edits the operator applies to a running job; the last writes out values it had or defaults, no change.
+MUTABLE_EDITS = [
+    {"suspend": False},
+    {"activeDeadlineSeconds": 86400, "startupDeadlineSeconds": 900, "ttlSecondsAfterFinished": 60},
+    {"failurePolicy": {"maxRestarts": 9}},
+    {"roles": {"generator": {"replicas": 3}}},
+    {"steps": 10, "stepDeadlineSeconds": 3600, "roles": {"generator": {"gpus": 1, "tensorParallel": 1}}},
+]
+
+
+def test_fields_a_running_job_cannot_follow_are_immutable_with_a_message(namespace: str) -> None:
+    create(namespace, job_body(name="frozen"))
+    before = get(namespace, "frozen")["spec"]
+    for case, patch, field in IMMUTABLE_EDITS:
+        with pytest.raises(ApiException) as refused:
+            patch_spec(namespace, "frozen", patch)
+        assert refused.value.status == 422, case
+        message = json.loads(refused.value.body)["message"]
+        assert f"{field} cannot change" in message and "delete and re-create" in message, (case, message)
+    assert get(namespace, "frozen")["spec"] == before  # nothing changed
+    for patch in MUTABLE_EDITS:
+        patch_spec(namespace, "frozen", patch)
+    assert get(namespace, "frozen")["spec"]["roles"]["generator"]["replicas"] == 3
 
 
 def test_kueue_gang_labels_every_pod_with_its_group(namespace: str, operator: Operator) -> None:

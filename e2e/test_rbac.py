@@ -52,8 +52,12 @@ def _assert_nothing_else_allowed(api: client.ApiClient, job_namespace: str, oper
     # Destructive calls use server-side dry run: authorization is checked all the same.
     pod = {"metadata": {"name": "intruder"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
     _forbidden("list Secrets in another namespace", lambda: core.list_namespaced_secret("default"))
-    _forbidden("list Secrets in its own job namespace (it may only get them by name)",
-               lambda: core.list_namespaced_secret(job_namespace))  # fmt: skip
+    _forbidden("list Secrets in its own job namespace", lambda: core.list_namespaced_secret(job_namespace))
+    # Item 19: not even its jobs' own token Secrets (tokens are derived from its key, never read back).
+    for secret in ("grpo-token", "anything"):
+        _forbidden(
+            f"read Secret {secret} in its job namespace", lambda s=secret: core.read_namespaced_secret(s, job_namespace)
+        )
     _forbidden(
         "create a pod in an unwatched namespace", lambda: core.create_namespaced_pod("default", pod, dry_run="All")
     )
@@ -94,7 +98,9 @@ def test_the_operator_runs_a_job_with_only_the_charts_rbac(cluster: Path, namesp
             expected = {f"grpo-{i.name}" for i in contract.instances(RLJobSpec.model_validate(JOB["spec"]))}
             wait_for("every pod of the job Running", lambda: pod_phases() == dict.fromkeys(expected, "Running"))
 
-            token = base64.b64decode(core.read_namespaced_secret("grpo-token", namespace).data["controller"]).decode()
+            uid = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "grpo")["metadata"]["uid"]
+            secret = core.read_namespaced_secret(f"grpo-token-{uid[:8]}", namespace)
+            token = base64.b64decode(secret.data["controller"]).decode()
             url = f"http://127.0.0.1:{operator.progress_port}/progress/{namespace}/grpo"
             assert httpx.post(url, json={"step": 3}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 

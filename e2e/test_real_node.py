@@ -147,9 +147,9 @@ def job_pods(namespace: str, name: str) -> list[client.V1Pod]:
     return client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"kubeforge.dev/job={name}").items
 
 
-def pod_logs(namespace: str, name: str) -> str:
+def pod_logs(namespace: str, name: str, tail_lines: int | None = 60) -> str:
     try:
-        return client.CoreV1Api().read_namespaced_pod_log(name, namespace, tail_lines=60)
+        return client.CoreV1Api().read_namespaced_pod_log(name, namespace, tail_lines=tail_lines)
     except ApiException as e:
         return f"(no log: {e.status})"
 
@@ -345,9 +345,10 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
     forge: str, jobs_namespace: str, images: dict[str, str]
 ) -> None:
     """The tiny GRPO example, CPU variant, its model prepared on a PVC: every role a pod on the real
-    node, peers found through Service DNS, weight sync over gloo between pods. After the first
-    checkpoint the trainer, a generator and the controller are deleted with `kubectl delete pod`;
-    the job still learns as `make run` does, resumes past step 0, and its ledger ends exact."""
+    node, peers found through Service DNS, weight sync over gloo between pods. Once it trains, a
+    second generator is added with a spec edit and joins. After the first checkpoint past the
+    warm-up the trainer, a generator and the controller are deleted with `kubectl delete pod`; the
+    job still learns as `make run` does, resumes past step 0, and its ledger ends exact."""
     core, custom, ns, name = client.CoreV1Api(), client.CustomObjectsApi(), jobs_namespace, "grpo-tiny"
     core.create_namespaced_persistent_volume_claim(
         ns,
@@ -372,6 +373,7 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
     spec["volumes"] = [{"name": "models", "claimName": "models", "mountPath": "/models", "readOnly": True}]
     spec["scheduling"] = ON_REAL_NODE
     spec["checkpoint"] = {"interval": 5}
+    spec["steps"] = 60  # time to add a generator, then delete pods, while it trains
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
     started = time.monotonic()
 
@@ -390,6 +392,12 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
         for p in job_pods(ns, name):
             assert p.spec.node_name.startswith("kubeforge-node-"), f"{p.metadata.name} ran on {p.spec.node_name}"
         check_network_policy(ns, name, images)
+        # Issue 16, item 13: a generator added to the running job joins it. The operator rewrites the peers
+        # the pods read; the running controller takes the replica in (its log says so before it is deleted
+        # below) and the trainer accepts it as a publish target: the job could not succeed otherwise.
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name, {"spec": {"roles": {"generator": {"replicas": 2}}}}
+        )
         run_dir = claim_directory(
             ns,
             next(
@@ -410,6 +418,12 @@ def test_apply_trains_in_real_containers_and_survives_deleted_pods(
         wait_for("a checkpoint past the warm-up on the job's claim", past_warmup, timeout=900)
         # Live progress: the controller pushes it to the operator's progress Service as it goes.
         wait_for("the step in status while the job runs", lambda: progress().get("step", 0) > 0, timeout=120)
+
+        def took_in_the_added_generator() -> bool:
+            log = pod_logs(ns, f"{name}-controller-0", tail_lines=None)
+            return any("generator replicas now" in line and f"{name}-generator-1." in line for line in log.splitlines())
+
+        wait_for("the running controller took the added generator in", took_in_the_added_generator, timeout=300)
         for role in ("trainer-0", "generator-0", "controller-0"):
             core.delete_namespaced_pod(f"{name}-{role}", ns)
         wait_for(

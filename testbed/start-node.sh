@@ -170,6 +170,9 @@ serializeImagePulls: false
 registerWithTaints:
 - {key: kubeforge.dev/real-node, value: "true", effect: NoSchedule}
 nodeStatusReportFrequency: 10s
+# ConfigMap volumes (a job's spec and peers, rewritten on a spec edit) reach running pods within about
+# this period: 10 s here, so tests wait less; a minute by default.
+syncFrequency: 10s
 EOF
 start kubelet "$bin/kubelet" \
   --config="$node_dir/kubelet.yaml" \

@@ -1,23 +1,27 @@
-"""The operator's hardening rules, against a fake API server: no silent adoption of a Secret or
-ConfigMap the RLJob does not own, a progress token bound to the job's uid, and a reconcile daemon
+"""The operator's hardening rules, against a fake API server: no silent adoption of a spec
+ConfigMap the RLJob does not own, tokens derived from the job's uid and checked without reading a
+Secret, and a reconcile daemon
 that survives unreadable pods and transport errors, with a deadline on every API call."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
 
 import kopf
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from kubeforge import auth
 from kubeforge_operator import handlers, metrics
 from kubeforge_operator.api import REQUEST_TIMEOUT
 from kubeforge_operator.progress import ProgressReceiver
 from kubeforge_operator.reconcile import FOREIGN, UNREADABLE_POD, Reconciler
+from kubeforge_operator.signing import Signer, SigningKeyError
 from kubernetes.client.exceptions import ApiException
 from test_operator_reconcile_stuck import FakeCluster, _ago, _body, _pass, _response
 from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
@@ -27,8 +31,7 @@ def _owner(kind: str, name: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": "x/v1", "kind": kind, "name": name, "uid": uid, "controller": True}
 
 
-def _seed(kind: str, owners: list[dict[str, Any]]) -> dict[str, Any]:
-    name = {"Secret": "demo-token", "ConfigMap": "demo-spec"}[kind]
+def _seed(kind: str, owners: list[dict[str, Any]], name: str = "demo-spec") -> dict[str, Any]:
     return {"kind": kind, "metadata": {"name": name, "namespace": "team", "ownerReferences": owners}}
 
 
@@ -36,34 +39,54 @@ def _seed(kind: str, owners: list[dict[str, Any]]) -> dict[str, Any]:
 
 # (case, the object already there, refused?, words the message must have)
 ADOPTION_CASES = [
-    ("secret with no owner", _seed("Secret", []), True, "no owner"),
-    ("secret of another controller", _seed("Secret", [_owner("Deployment", "web", "d1")]), True, "Deployment web"),
-    ("secret of an earlier job of this name", _seed("Secret", [_owner("RLJob", "demo", "u0")]), True, "earlier RLJob"),
     ("config map with no owner", _seed("ConfigMap", []), True, "no owner"),
+    (
+        "config map of another controller",
+        _seed("ConfigMap", [_owner("Deployment", "web", "d1")]),
+        True,
+        "Deployment web",
+    ),
+    (
+        "config map of an earlier job of this name",
+        _seed("ConfigMap", [_owner("RLJob", "demo", "u0")]),
+        True,
+        "earlier RLJob",
+    ),  # fmt: skip
     ("config map of another job", _seed("ConfigMap", [_owner("RLJob", "other", "u9")]), True, "RLJob other"),
     # Owned, but not as controller: not this job's.
     (
-        "secret merely referencing the job",
-        _seed("Secret", [{**_owner("RLJob", "demo", "u1"), "controller": False}]),
+        "config map merely referencing the job",
+        _seed("ConfigMap", [{**_owner("RLJob", "demo", "u1"), "controller": False}]),
         True,
         "no owner",
     ),
-    ("secret of this job (an earlier pass)", _seed("Secret", [_owner("RLJob", "demo", "u1")]), False, ""),
-    ("config map of this job", _seed("ConfigMap", [_owner("RLJob", "demo", "u1")]), False, ""),
+    ("config map of this job (an earlier pass)", _seed("ConfigMap", [_owner("RLJob", "demo", "u1")]), False, ""),
+    # The token Secret's name carries the job's uid: a Secret made before the job never has it, and the
+    # operator, which may not read Secrets, never needs to look at one.
+    ("a secret under the job's old token name", _seed("Secret", [], "demo-token"), False, ""),
+    (
+        "this job's secret (an earlier pass)",
+        _seed("Secret", [_owner("RLJob", "demo", "u1")], "demo-token-u1"),
+        False,
+        "",
+    ),  # fmt: skip
 ]
 
 
 @pytest.mark.parametrize(("case", "existing", "refused", "words"), ADOPTION_CASES, ids=[c[0] for c in ADOPTION_CASES])
-def test_a_secret_or_config_map_the_job_does_not_own_is_refused(
+def test_a_config_map_the_job_does_not_own_is_refused(
     minimal_job: dict[str, Any], case: str, existing: dict[str, Any], refused: bool, words: str
 ) -> None:
     cluster = FakeCluster()
     key = (existing["kind"], existing["metadata"]["name"])
     cluster.objects[key] = existing
     st, events = _pass(cluster, _body(minimal_job))
+    assert not cluster.core.read_namespaced_secret.called
     if not refused:
         assert cluster.pods and "stuck" not in st
-        assert cluster.objects[key] is existing  # used as it is
+        assert cluster.objects[key] is existing  # used, or ignored, as it is
+        volumes = [v for p in cluster.pods for v in p["spec"]["volumes"] if v["name"] == "tokens"]
+        assert {v["secret"]["secretName"] for v in volumes} == {"demo-token-u1"}
         return
     what = f"{existing['kind']} {existing['metadata']['name']}"
     assert st["stuck"]["pod"] == what and st["stuck"]["reason"] == FOREIGN
@@ -85,41 +108,39 @@ def test_a_secret_or_config_map_the_job_does_not_own_is_refused(
 
 def test_a_job_refused_a_foreign_object_fails_at_the_startup_deadline_naming_it(minimal_job: dict[str, Any]) -> None:
     cluster = FakeCluster()
-    cluster.objects[("Secret", "demo-token")] = _seed("Secret", [])
+    cluster.objects[("ConfigMap", "demo-spec")] = _seed("ConfigMap", [])
     st, _ = _pass(cluster, _body(minimal_job, startupDeadlineSeconds=30))
     st["startingSince"] = _ago(31)
     st, _ = _pass(cluster, _body(minimal_job, status=st, startupDeadlineSeconds=30))
-    assert st["phase"] == "Failed" and "not created: Secret demo-token: ForeignObject" in st["message"]
+    assert st["phase"] == "Failed" and "not created: ConfigMap demo-spec: ForeignObject" in st["message"]
 
 
-# -- 14: the progress token follows the job's uid --------------------------------------------------
+def test_the_token_secret_holds_the_tokens_derived_from_the_uid(minimal_job: dict[str, Any]) -> None:
+    signer = Signer(b"k" * 32)
+    cluster = FakeCluster()
+    _pass(cluster, _body(minimal_job), Reconciler(cluster.core, cluster.net, cluster.custom, signer=signer))
+    secret = cluster.objects[("Secret", "demo-token-u1")]
+    assert {k: secret["stringData"][k] for k in auth.CREDENTIALS} == signer.tokens("u1")
+    # Deleted by hand: made again with the same tokens, which the running pods hold.
+    del cluster.objects[("Secret", "demo-token-u1")]
+    cluster.pods.clear()
+    _pass(cluster, _body(minimal_job), Reconciler(cluster.core, cluster.net, cluster.custom, signer=signer))
+    assert cluster.objects[("Secret", "demo-token-u1")]["stringData"] == secret["stringData"]
+
+
+# -- 14 and 19: the progress token follows the job's uid; no Secret is read to check it --------------
+
+KEY = b"operator-signing-key-of-32-bytes!"
 
 
 class FakeProgressApi:
-    """The RLJobs and their token Secrets by name, as the receiver reads them."""
+    """The RLJobs by name, as the receiver reads them."""
 
     def __init__(self) -> None:
         self.jobs: dict[str, str] = {}  # name -> uid
-        self.tokens: dict[str, tuple[str, str]] = {}  # name -> (owner uid, token)
-        self.core, self.custom = MagicMock(), MagicMock()
-        self.core.read_namespaced_secret.side_effect = self._secret
+        self.custom = MagicMock()
         self.custom.get_namespaced_custom_object.side_effect = self._job
         self.custom.patch_namespaced_custom_object_status.side_effect = self._patch
-
-    def run(self, name: str, uid: str, token: str) -> None:
-        self.jobs[name], self.tokens[name] = uid, (uid, token)
-
-    def _secret(self, name: str, namespace: str, **_: Any) -> MagicMock:
-        job = name.removesuffix("-token")
-        if job not in self.tokens:
-            raise ApiException(status=404, reason="Not Found")
-        uid, token = self.tokens[job]
-        return _response(
-            {
-                "metadata": {"name": name, "ownerReferences": [_owner("RLJob", job, uid)]},
-                "data": {"controller": base64.b64encode(token.encode()).decode()},
-            }
-        )
 
     def _job(self, group: str, version: str, namespace: str, plural: str, name: str, **_: Any) -> dict[str, Any]:
         if name not in self.jobs:
@@ -130,6 +151,10 @@ class FakeProgressApi:
         if args[4] not in self.jobs:
             raise ApiException(status=404, reason="Not Found")
         return {}
+
+
+def _controller_token(uid: str, key: bytes = KEY) -> str:
+    return Signer(key).token(uid, auth.CONTROLLER)
 
 
 def _reports(receiver: ProgressReceiver, steps: list[Any]) -> list[int]:
@@ -154,42 +179,70 @@ def _reports(receiver: ProgressReceiver, steps: list[Any]) -> list[int]:
 @pytest.mark.parametrize("tracked", [False, True], ids=["read from the API server", "told by the daemon"])
 def test_a_re_created_job_gets_its_new_token_accepted_and_the_old_one_refused(tracked: bool) -> None:
     api = FakeProgressApi()
-    receiver = ProgressReceiver(api.core, api.custom)
+    receiver = ProgressReceiver(api.custom, Signer(KEY))
+    old, new = _controller_token("u1"), _controller_token("u2")
 
     def first() -> None:
-        api.run("demo", "u1", "old")
+        api.jobs["demo"] = "u1"
         if tracked:
             receiver.track("team", "demo", "u1")
 
     def delete() -> None:
-        del api.jobs["demo"], api.tokens["demo"]
+        del api.jobs["demo"]
         if tracked:
             receiver.forget("team", "demo", "u1")
 
     def again() -> None:
-        api.run("demo", "u2", "new")
+        api.jobs["demo"] = "u2"
         if tracked:
             receiver.track("team", "demo", "u2")
 
-    codes = _reports(receiver, [first, "old", "wrong", delete, "old", again, "new", "old"])
+    codes = _reports(receiver, [first, old, "wrong", delete, old, again, new, old])
     assert codes == [200, 401, 401, 200, 401]
 
 
-def test_a_token_secret_the_job_does_not_own_is_not_trusted() -> None:
+# (case, the token presented, accepted?)
+TOKEN_CASES = [
+    ("the controller's token", _controller_token("u1"), True),
+    ("the job token every pod holds", Signer(KEY).token("u1", auth.JOB), False),
+    ("the trainer's token", Signer(KEY).token("u1", auth.TRAINER), False),
+    ("the controller's token under another key", _controller_token("u1", b"x" * 32), False),
+    ("another job's controller token", _controller_token("u9"), False),
+    ("nothing", "", False),
+]
+
+
+@pytest.mark.parametrize(("case", "token", "accepted"), TOKEN_CASES, ids=[c[0] for c in TOKEN_CASES])
+def test_only_the_controllers_token_of_this_job_under_this_key_reports(case: str, token: str, accepted: bool) -> None:
     api = FakeProgressApi()
-    receiver = ProgressReceiver(api.core, api.custom)
+    api.jobs["demo"] = "u1"
+    assert _reports(ProgressReceiver(api.custom, Signer(KEY)), [token]) == [200 if accepted else 401]
 
-    def re_created_before_collection() -> None:
-        # The new job exists; its Secret is still the earlier job's (the garbage collector is behind).
-        api.run("demo", "u1", "old")
-        api.jobs["demo"] = "u2"
-        receiver.track("team", "demo", "u2")
 
-    def collected() -> None:
-        api.run("demo", "u2", "new")
+# (case, key file content or None for absent, error words or None)
+KEY_FILE_CASES = [
+    ("absent: made, private", None, None),
+    ("given", "a" * 64 + "\n", None),
+    ("too short", "short", "needs at least 32"),
+]
 
-    codes = _reports(receiver, [re_created_before_collection, "old", collected, "new", "old"])
-    assert codes == [401, 200, 401]
+
+@pytest.mark.parametrize(("case", "content", "error"), KEY_FILE_CASES, ids=[c[0] for c in KEY_FILE_CASES])
+def test_the_signing_key_file(tmp_path: Path, case: str, content: str | None, error: str | None) -> None:
+    path = tmp_path / "keys" / "key"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    if error:
+        with pytest.raises(SigningKeyError, match=error):
+            Signer.from_file(path)
+        return
+    signer = Signer.from_file(path)
+    if content is None:
+        assert path.stat().st_mode & 0o777 == 0o600
+    # Every replica and every restart that reads the file derives the same tokens.
+    assert Signer.from_file(path).tokens("u1") == signer.tokens("u1") != signer.tokens("u2")
+    assert [p.name for p in path.parent.iterdir()] == ["key"]  # no temp file left
 
 
 # -- 16: a reconcile daemon that does not die --------------------------------------------------------
@@ -264,8 +317,9 @@ def test_the_capacity_gate_and_the_progress_receiver_have_request_timeouts(minim
     Reconciler(cluster.core, cluster.net, cluster.custom).reconcile(body, event=lambda *e: None)
     assert cluster.core.list_node.called and cluster.core.list_pod_for_all_namespaces.called
     api = FakeProgressApi()
-    _reports(ProgressReceiver(api.core, api.custom), [lambda: api.run("demo", "u1", "t"), "t"])
-    _assert_all_timed(cluster.core, cluster.net, cluster.custom, api.core, api.custom)
+    api.jobs["demo"] = "u1"
+    assert _reports(ProgressReceiver(api.custom, Signer(KEY)), [_controller_token("u1")]) == [200]
+    _assert_all_timed(cluster.core, cluster.net, cluster.custom, api.custom)
 
 
 def _assert_all_timed(*apis: MagicMock) -> None:
@@ -342,3 +396,40 @@ def test_the_daemon_reads_the_job_with_a_request_timeout() -> None:
     memo.custom.get_namespaced_custom_object.side_effect = ApiException(status=404, reason="Not Found")
     assert handlers._reconcile_once(memo, "team", "demo", None, logging.getLogger("test")) == (False, None)
     assert memo.custom.get_namespaced_custom_object.call_args.kwargs["_request_timeout"] == REQUEST_TIMEOUT
+
+
+# -- 13: spec edits reach the running pods -------------------------------------------------------------
+
+
+def _peers(cluster: FakeCluster) -> dict[str, list[str]]:
+    return json.loads(cluster.objects[("ConfigMap", "demo-spec")]["data"]["peers.json"])
+
+
+def test_a_spec_edit_rewrites_the_spec_and_peers_once_per_generation(minimal_job: dict[str, Any]) -> None:
+    cluster = FakeCluster()
+    cluster.core.patch_namespaced_config_map.side_effect = lambda name, ns, body, **_: (
+        cluster.objects[("ConfigMap", name)]["data"].update(body["data"]) or MagicMock()
+    )
+
+    def edited(status: dict[str, Any], generation: int, replicas: int) -> dict[str, Any]:
+        body = _body(minimal_job, status=status, roles={"generator": {"replicas": replicas}})
+        body["metadata"]["generation"] = generation
+        return body
+
+    st, _ = _pass(cluster, edited({}, 1, 1))
+    assert st["observedGeneration"] == 1 and not cluster.core.patch_namespaced_config_map.called  # created so
+    assert len(_peers(cluster)["generator"]) == 1
+    # Scaled up: the pods already running read the new peers; the new generator pod is created after.
+    st, _ = _pass(cluster, edited(st, 2, 3))
+    assert st["observedGeneration"] == 2 and cluster.core.patch_namespaced_config_map.call_count == 1
+    assert [u.split(".")[0] for u in _peers(cluster)["generator"]] == [f"http://demo-generator-{i}" for i in range(3)]
+    assert (
+        json.loads(cluster.objects[("ConfigMap", "demo-spec")]["data"]["spec.json"])["roles"]["generator"]["replicas"]
+        == 3
+    )
+    assert {p["metadata"]["name"] for p in cluster.pods} >= {"demo-generator-1", "demo-generator-2"}
+    # Written once per generation, not on every pass.
+    _pass(cluster, edited(st, 2, 3))
+    assert cluster.core.patch_namespaced_config_map.call_count == 1
+    env = {e["name"]: e["value"] for e in cluster.pods[0]["spec"]["containers"][0]["env"]}
+    assert env["KUBEFORGE_PEERS_FILE"] == "/etc/kubeforge/peers.json"

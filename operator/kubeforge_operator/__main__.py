@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import kopf
@@ -24,7 +25,7 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import start_http_server
 
-from kubeforge_operator import handlers, leader, progress
+from kubeforge_operator import handlers, leader, progress, signing
 from kubeforge_operator.resources import Scraper
 
 log = logging.getLogger("kubeforge_operator")
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         help="labels of the Prometheus pods that may scrape job pods' /metrics ('': any pod in those namespaces; "
         "both empty: no scraper is admitted)",
     )
+    parser.add_argument(
+        "--token-key-file",
+        type=Path,
+        default=Path(os.environ.get("KUBEFORGE_TOKEN_KEY_FILE") or signing.default_key_file()),
+        help="the key every job's tokens are derived from (kubeforge_operator.signing); every replica needs the "
+        "same one. Made there if absent (default: $KUBEFORGE_TOKEN_KEY_FILE, else %(default)s)",
+    )
     election = parser.add_argument_group("leader election (kubeforge_operator.leader)")
     election.add_argument(
         "--leader-election",
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         scraper = Scraper.parse(args.scraper_namespace_labels, args.scraper_pod_labels)
         timing = leader.Timing(args.lease_duration, args.lease_renew_deadline, args.lease_retry_period)
-    except ValueError as e:
+        signer = signing.Signer.from_file(args.token_key_file)
+    except (ValueError, signing.SigningKeyError) as e:
         parser.error(str(e))
     leases: list[tuple[str, str]] = []
     if args.leader_election:
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     with contextlib.suppress(asyncio.CancelledError):
-        asyncio.run(_operate(args, scraper, leases, timing))
+        asyncio.run(_operate(args, scraper, signer, leases, timing))
 
 
 async def _serve_health(url: str) -> web.AppRunner:
@@ -148,7 +157,11 @@ def _renewals_ended(task: asyncio.Task[None]) -> None:
 
 
 async def _operate(
-    args: argparse.Namespace, scraper: Scraper, leases: list[tuple[str, str]], timing: leader.Timing
+    args: argparse.Namespace,
+    scraper: Scraper,
+    signer: signing.Signer,
+    leases: list[tuple[str, str]],
+    timing: leader.Timing,
 ) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,6 +172,7 @@ async def _operate(
         api=api,
         progress_url_base=args.progress_url_base,
         scraper=scraper,
+        signer=signer,
         namespaces=[] if args.all_namespaces else args.namespace,
     )
     servers = []
@@ -166,7 +180,7 @@ async def _operate(
         servers.append(await _serve_health(args.liveness))
     host, _, port = args.progress_listen.rpartition(":")
     if port:
-        memo.progress_receiver = progress.ProgressReceiver(client.CoreV1Api(api), client.CustomObjectsApi(api))
+        memo.progress_receiver = progress.ProgressReceiver(client.CustomObjectsApi(api), signer)
         servers.append(await progress.serve(memo.progress_receiver, host, int(port)))
     elector = None
     keeping = None

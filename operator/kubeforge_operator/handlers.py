@@ -103,7 +103,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if admitted:
         log.info("jobs the capacity gate admitted earlier: %s", ", ".join(f"{ns}/{n}" for ns, n in admitted))
     memo.reconciler = Reconciler(
-        core, client.NetworkingV1Api(api), memo.custom, memo.get("progress_url_base", ""), memo.get("scraper"), gate
+        core,
+        client.NetworkingV1Api(api),
+        memo.custom,
+        memo.get("progress_url_base", ""),
+        memo.get("scraper"),
+        gate,
+        memo.get("signer"),
     )
     memo.executor = ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile")
 

@@ -1,22 +1,21 @@
 """Progress pushed by each job's controller: POST /progress/{namespace}/{name} -> status.progress.
 
 Roles never talk to the API server; the controller sends its progress (step, policy version,
-reward, weight-sync seconds) here, authenticated with the job's own token (the Secret the
-operator created), and the operator writes it into the RLJob's status.
+reward, weight-sync seconds) here, authenticated with its own token, and the operator writes it
+into the RLJob's status.
 
-A token is good for one RLJob, not for a name: the cache is keyed by the job's uid, and a Secret is
-trusted only when that uid is its controller. The reconcile daemons tell the receiver which uid each
-job has now (`track`, and `forget` once it is gone); a job they have not told it about is read from the
-API server. A job deleted and re-created under the same name gets its new token accepted at once,
-and the old one refused.
+The expected token is derived from the job's uid with the operator's signing key
+(kubeforge_operator.signing): no Secret is read, so the operator needs no permission to read one. A
+token is good for one RLJob, not for a name. The reconcile daemons tell the receiver which uid each
+job has now (`track`, and `forget` once it is gone); a job they have not told it about is read from
+the API server. A job deleted and re-created under the same name gets its new token accepted at
+once, and the old one refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import json
 import logging
 from datetime import UTC, datetime
 
@@ -28,19 +27,17 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubeforge_operator.api import REQUEST_TIMEOUT, TRANSPORT_ERRORS
-from kubeforge_operator.resources import JobRef, controller_uid
+from kubeforge_operator.signing import Signer
 
 log = logging.getLogger("kubeforge_operator.progress")
 
 
 class ProgressReceiver:
-    def __init__(self, core: client.CoreV1Api, custom: client.CustomObjectsApi):
-        self.core = core
+    def __init__(self, custom: client.CustomObjectsApi, signer: Signer):
         self.custom = custom
+        self.signer = signer
         # (namespace, name) -> the uid of the RLJob of that name now, as its reconcile daemon saw it.
         self._uids: dict[tuple[str, str], str] = {}
-        # (namespace, name) -> (uid, token): the token of the RLJob with that uid.
-        self._tokens: dict[tuple[str, str], tuple[str, str]] = {}
 
     def track(self, namespace: str, name: str, uid: str) -> None:
         """The RLJob `namespace/name` is the one with `uid` (its reconcile daemon started)."""
@@ -51,8 +48,6 @@ class ProgressReceiver:
         key = (namespace, name)
         if self._uids.get(key) == uid:
             del self._uids[key]
-        if key in self._tokens and self._tokens[key][0] == uid:
-            del self._tokens[key]
 
     def _uid(self, namespace: str, name: str) -> str | None:
         uid = self._uids.get((namespace, name))
@@ -70,37 +65,10 @@ class ProgressReceiver:
         return job["metadata"]["uid"]
 
     def _token(self, namespace: str, name: str) -> str | None:
-        key = (namespace, name)
+        """The controller's token of the RLJob `namespace/name` now; None if there is no such job.
+        Only the controller reports progress: its own token, not the job token every pod holds."""
         uid = self._uid(namespace, name)
-        if uid is None:
-            self._tokens.pop(key, None)
-            return None
-        cached = self._tokens.get(key)
-        if cached is not None and cached[0] == uid:
-            return cached[1]
-        secret_name = JobRef(name, namespace, uid).secret_name
-        try:
-            response = self.core.read_namespaced_secret(
-                secret_name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        try:
-            secret = json.loads(response.data)
-        finally:
-            response.release_conn()
-        if controller_uid(secret) != uid:
-            # An earlier job's, not yet collected, or someone else's: never a token for this job.
-            log.warning("%s/%s: Secret %s is not the RLJob's (uid %s); refused", namespace, name, secret_name, uid)
-            return None
-        # Only the controller reports progress: its own token, not the job token every pod holds.
-        token = base64.b64decode((secret.get("data") or {}).get(auth.CONTROLLER, "")).decode()
-        if not token:
-            return None
-        self._tokens[key] = (uid, token)
-        return token
+        return None if uid is None else self.signer.token(uid, auth.CONTROLLER)
 
     def _patch(self, namespace: str, name: str, progress: Progress) -> None:
         body = progress.model_dump(by_alias=True, exclude_none=True)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubeforge import auth, contract
+from kubeforge import contract
 from kubeforge.contract import Instance
+from kubeforge.failure_policy import Counters, Failure, Observed, plan_failure
 from kubeforge.spec import API_GROUP, API_VERSION, PLURAL, RLJobSpec
 from kubeforge.validation import SpecError, parse_spec
 from kubernetes import client
@@ -34,13 +36,14 @@ from kubernetes.client.exceptions import ApiException
 from kubeforge_operator import inventory, metrics, startup, stuck
 from kubeforge_operator import resources as r
 from kubeforge_operator.api import REQUEST_TIMEOUT
+from kubeforge_operator.signing import Signer
 
 log = logging.getLogger("kubeforge_operator")
 
 TERMINAL = ("Succeeded", "Failed")
 # Phases in which a job holds no capacity admission: its pods are gone, or going.
 RELEASED = (*TERMINAL, "Suspended")
-# The reason of a refusal to use a `<job>-token` Secret or `<job>-spec` ConfigMap this RLJob does not own.
+# The reason of a refusal to use a `<job>-spec` ConfigMap this RLJob does not own.
 FOREIGN = "ForeignObject"
 # The reason of the Event about a job pod whose labels the operator cannot read (it is ignored).
 UNREADABLE_POD = "UnreadablePod"
@@ -129,30 +132,14 @@ class PodView:
                 )
         return view
 
-    @property
-    def reported_error(self) -> bool:
-        """The role exited saying what went wrong (it raised): restarting would repeat it."""
-        return contract.permanent_error(_last_words(self.message))
+    def failure(self) -> Failure:
+        """This pod's failure, as the failure policy reads it."""
+        return Failure(self.instance, self.name, self.exit_code, self.reason, _last_words(self.message))
 
     @property
     def failed(self) -> bool:
         # A role other than the controller never finishes on its own: exiting at all is a failure.
         return self.phase == "Failed" or (self.phase == "Succeeded" and self.instance.role != "controller")
-
-    def describe_failure(self) -> str:
-        detail = ", ".join(
-            part
-            for part in (
-                f"exit code {self.exit_code}" if self.exit_code is not None else "",
-                self.reason or "",
-            )
-            if part
-        )
-        text = f"{self.name} failed" + (f" ({detail})" if detail else "")
-        last_words = _last_words(self.message)
-        if last_words.get("error"):
-            text += f": {last_words['error']}"
-        return text
 
 
 def _last_words(message: str) -> dict[str, Any]:
@@ -204,6 +191,7 @@ class Reconciler:
         progress_url_base: str = "",
         scraper: r.Scraper | None = None,
         gate: inventory.Gate | None = None,
+        signer: Signer | None = None,
     ):
         self.core = core
         self.net = net
@@ -213,6 +201,9 @@ class Reconciler:
         # The operator passes a gate over its watch-fed inventory; without one (tools, tests) each decision
         # lists the cluster's nodes and pods.
         self.gate = gate or inventory.Gate(lambda: inventory.listed(core))
+        # The operator passes the signer of its key file; without one (tools, tests) a key of this process
+        # only, whose tokens no progress receiver elsewhere can check.
+        self.signer = signer or Signer(secrets.token_bytes(32))
         # The uids of unreadable pods already reported: one log line and one Event per pod.
         self._reported_pods: set[str] = set()
 
@@ -334,10 +325,11 @@ class Reconciler:
         status.set("startingSince", _format_time(clock.since) if clock.since else None)
 
         refusal: stuck.Diagnosis | None = None
+        spec_written = False
         if missing:
             # Only on the way to creating pods: most passes (pod status changes) need none of this.
             try:
-                self._ensure_shared_objects(job, spec)
+                spec_written = self._ensure_shared_objects(job, spec)
                 missing_scheduler = self._ensure_pod_group(job, spec)
             except CreateRefused as e:
                 refusal, missing_scheduler = e.diagnosis, ""
@@ -346,6 +338,9 @@ class Reconciler:
                 status.set("startingSince", None)
                 self._transition(status, "Pending", missing_scheduler, event, warning=True)
                 return
+        if refusal is None:
+            # Before any pod is created: a new pod reads the spec of this generation.
+            self._follow_spec_edits(job, spec, body["metadata"].get("generation"), status, spec_written)
         status.condition("Scheduled", True, "Capacity", "")
         if missing and refusal is None:
             refusal = self._create_pods(job, spec, missing, status.get("restartsByInstance", {}))
@@ -409,62 +404,32 @@ class Reconciler:
     def _handle_failures(
         self, job: r.JobRef, spec: RLJobSpec, pods: list[PodView], status: Status, event: EventSink
     ) -> bool:
-        """Apply spec.failurePolicy to failed pods. True when the job ended."""
+        """Apply spec.failurePolicy's decision (kubeforge.failure_policy) to failed pods; True if there were
+        any (the job failed, or its pods are restarting: the pass ends here)."""
         failed = [p for p in pods if p.failed and not p.terminating]
         if not failed:
             return False
-        policy = spec.failure_policy
-        actions = [
-            (p, policy.action_for(p.instance.role, p.exit_code, p.reason, role_error=p.reported_error)) for p in failed
-        ]
-        fatal = next(((p, a) for p, a in actions if a == "FailJob"), None)
-        if fatal:
-            self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])
-            self._finish(status, "Failed", f"{fatal[0].describe_failure()}; failurePolicy: FailJob", event)
-            return True
-        used = status.get("restarts", 0)
-        if used >= policy.max_restarts:
-            self._delete_pods(job, [p for p in pods if not p.terminating and p.phase not in ("Succeeded", "Failed")])
-            self._finish(
-                status,
-                "Failed",
-                f"restart budget exhausted ({used} of {policy.max_restarts} used); {failed[0].describe_failure()}",
-                event,
-            )
-            return True
-        group_restart = any(a == "RestartFromCheckpoint" for _, a in actions)
-        victims = (
-            [p for p in pods if p.instance.role in ("trainer", "controller") and not p.terminating]
-            + [p for p, a in actions if a == "RestartPod"]
-            if group_restart
-            else [p for p, _ in actions]
+        live = [p for p in pods if not p.terminating]
+        counters = Counters(
+            status.get("restarts", 0), status.get("restartsByRole", {}), status.get("restartsByInstance", {})
         )
+        decision = plan_failure(
+            spec.failure_policy,
+            Observed([p.failure() for p in failed], [p.instance for p in live], counters),
+        )
+        if decision.fail_job:
+            self._delete_pods(job, [p for p in live if p.phase not in ("Succeeded", "Failed")])
+            self._finish(status, "Failed", decision.message, event)
+            return True
         # Delete first, count second: a crash in between under-counts a restart rather than
         # handling the same failure twice.
-        self._delete_pods(job, victims)
-        by_role = dict(status.get("restartsByRole", {}))
-        by_instance = dict(status.get("restartsByInstance", {}))
-        for p in victims:
-            by_role[p.instance.role] = by_role.get(p.instance.role, 0) + (p in failed)
-            by_instance[p.instance.name] = by_instance.get(p.instance.name, 0) + 1
-        status.set("restarts", used + 1)
-        status.set("restartsByRole", by_role)
-        status.set("restartsByInstance", by_instance)
+        self._delete_pods(job, [p for p in live if p.instance in decision.victims])
+        status.set("restarts", decision.counters.restarts)
+        status.set("restartsByRole", dict(decision.counters.by_role))
+        status.set("restartsByInstance", dict(decision.counters.by_instance))
         status.set("startingSince", None)  # a restart is a new start: the next pass starts its clock
-        metrics.RESTARTS.labels(job=job.name, namespace=job.namespace, role=failed[0].instance.role).inc()
-        what = (
-            "trainer group and controller from the last checkpoint"
-            if group_restart
-            else ", ".join(p.instance.name for p in victims)
-        )
-        self._transition(
-            status,
-            "Restarting",
-            f"{failed[0].describe_failure()}; restarting {what} ({used + 1} of {policy.max_restarts})",
-            event,
-            warning=True,
-            force_event=True,
-        )
+        metrics.RESTARTS.labels(job=job.name, namespace=job.namespace, role=decision.cause.instance.role).inc()
+        self._transition(status, "Restarting", decision.message, event, warning=True, force_event=True)
         return True
 
     # -- status --------------------------------------------------------------------------------
@@ -577,12 +542,15 @@ class Reconciler:
             )
 
     def _check_owned(self, job: r.JobRef, obj: dict[str, Any]) -> bool:
-        """Whether `obj` (a desired Secret or ConfigMap) exists; raise CreateRefused if it does and this
+        """Whether `obj` (the desired spec ConfigMap) exists; raise CreateRefused if it does and this
         RLJob's uid is not its controller."""
         kind, name = obj["kind"], obj["metadata"]["name"]
-        read = {"Secret": self.core.read_namespaced_secret, "ConfigMap": self.core.read_namespaced_config_map}[kind]
         try:
-            existing = _json(read(name, job.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+            existing = _json(
+                self.core.read_namespaced_config_map(
+                    name, job.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
         except ApiException as e:
             if e.status == 404:
                 return False
@@ -640,19 +608,49 @@ class Reconciler:
                 raise
         return ""
 
-    def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> None:
-        # The token and the spec are trusted by every pod of the job: one this RLJob does not own (left by
-        # someone else, or by an earlier job of the same name) is never used. Both are checked before
-        # anything is created, so a refused job gets nothing at all.
-        owned = [r.config_map(job, spec), r.secret(job, auth.new_tokens())]
-        absent = [obj for obj in owned if not self._check_owned(job, obj)]
-        for obj in absent:
-            if not self._create(obj):  # someone created it since the read
-                self._check_owned(job, obj)
+    def _ensure_shared_objects(self, job: r.JobRef, spec: RLJobSpec) -> bool:
+        """Create the job's shared objects that are missing; whether the spec ConfigMap was created now."""
+        # The spec is trusted by every pod of the job: a ConfigMap this RLJob does not own (left by someone
+        # else, or by an earlier job of the same name) is never used. It is checked before anything is
+        # created, so a refused job gets nothing at all. The token Secret needs no check: its name carries
+        # the uid, so none made before the job can have it, and the operator may not read Secrets.
+        spec_map = r.config_map(job, spec)
+        existed = self._check_owned(job, spec_map)
+        created = not existed and self._create(spec_map)
+        if not existed and not created:
+            self._check_owned(job, spec_map)  # someone created it since the read
+        self._create(r.secret(job, self.signer.tokens(job.uid)))
         self._create(r.service(job))
         self._create(r.network_policy(job, self.scraper))
         if claim := r.checkpoint_claim(job, spec):
             self._create(claim)
+        return created
+
+    def _follow_spec_edits(
+        self, job: r.JobRef, spec: RLJobSpec, generation: int | None, status: Status, written: bool
+    ) -> None:
+        """Rewrite the spec ConfigMap once per spec generation: running pods then see the edit (the kubelet
+        swaps the volume's files in place), and the controller's generator pool and the trainer follow
+        a scaled generator count (kubeforge.contract.PEERS_FILE). The CRD lets only what can follow an
+        edit change (kubeforge.crd.MUTABLE). status.observedGeneration is the generation written."""
+        if generation is None or status.get("observedGeneration") == generation:
+            return
+        if not written:
+            try:
+                _release(
+                    self.core.patch_namespaced_config_map(
+                        job.config_name,
+                        job.namespace,
+                        {"data": r.config_map(job, spec)["data"]},
+                        _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                return  # not created yet: the pass that creates the pods writes it
+        status.set("observedGeneration", generation)
 
     def _patch_status(self, job: r.JobRef, patch: dict[str, Any]) -> str | None:
         """Patch the status; the RLJob's new resourceVersion, None if it is gone."""
@@ -686,7 +684,7 @@ class Reconciler:
 
 
 def foreign_message(job: r.JobRef, kind: str, existing: dict[str, Any]) -> str:
-    """Why an existing `<job>-token` or `<job>-spec` is not used, and what to do about it."""
+    """Why an existing `<job>-spec` is not used, and what to do about it."""
     meta = existing.get("metadata") or {}
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
     if owner and owner.get("kind") == "RLJob" and owner.get("name") == job.name:

@@ -109,7 +109,9 @@ class JobRef:
 
     @property
     def secret_name(self) -> str:
-        return f"{self.name}-token"
+        """The job's token Secret. The uid in its name means no Secret made before the job can be
+        mistaken for its own: the operator never reads one back (kubeforge_operator.signing)."""
+        return f"{self.name}-token-{self.uid[:8]}"
 
     @property
     def claim_name(self) -> str:
@@ -179,16 +181,22 @@ def endpoints(job: JobRef, spec: RLJobSpec) -> Endpoints:
 
 
 def config_map(job: JobRef, spec: RLJobSpec) -> dict[str, Any]:
+    """spec.json and peers.json (kubeforge.contract.PEERS_FILE), mounted into every pod; rewritten when
+    the spec is edited, so that running pods see the replicas it asks for now."""
+    peers = endpoints(job, spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": job.metadata(job.config_name),
-        "data": {"spec.json": spec.model_dump_json(by_alias=True, indent=2)},
+        "data": {
+            "spec.json": spec.model_dump_json(by_alias=True, indent=2),
+            "peers.json": json.dumps({role: peers.urls(role) for role in contract.SERVICE_ROLES}, indent=2),
+        },
     }
 
 
 def secret(job: JobRef, tokens: dict[str, str]) -> dict[str, Any]:
-    """The job's tokens (kubeforge.auth.new_tokens) and their digests, made once per job."""
+    """The job's tokens (derived from its uid: kubeforge_operator.signing) and their digests."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -326,6 +334,7 @@ def pod(
         namespace=job.namespace,
         spec=spec,
         spec_path=f"{SPEC_DIR}/spec.json",
+        peers_file=f"{SPEC_DIR}/peers.json",
         instance=inst,
         endpoints=endpoints(job, spec),
         http_host="0.0.0.0",

@@ -1,7 +1,9 @@
 """Who may call what: the job's three tokens, the credential each route needs, and the check.
 
-Each credential is a random token made once per job (by the launcher, or the operator in the job's
-`<job>-token` Secret):
+Each credential is a token made once per job: random, by the launcher; on Kubernetes derived by the
+operator from its signing key and the RLJob's uid (`derive_tokens`), and kept in the job's
+`<job>-token-<uid>` Secret. Derived tokens let the operator check a controller's progress report
+without reading any Secret:
 
 - `job`: every role holds it. Peers call each other's data routes with it: /generate and vLLM's
   /v1/*, /score, /logprobs, /weights/info, the trainer's /weights/names, the controller's /status.
@@ -34,6 +36,8 @@ JOB, CONTROLLER, TRAINER = "job", "controller", "trainer"
 CREDENTIALS = (JOB, CONTROLLER, TRAINER)
 WHO = {JOB: "the job token", CONTROLLER: "the controller's token", TRAINER: "the trainer's token"}
 DIGESTS_FILE = "digests.json"
+# A signing key shorter than a token would be the weakest link.
+MIN_KEY_BYTES = 32
 # Health, readiness and metrics answer anyone who can reach the pod (kubelet probes, Prometheus).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -66,6 +70,18 @@ def held_by(role: str) -> tuple[str, ...]:
 def new_tokens() -> dict[str, str]:
     """A fresh token per credential (256 bits each)."""
     return {name: secrets.token_hex(32) for name in CREDENTIALS}
+
+
+def derive_tokens(key: bytes, job_uid: str) -> dict[str, str]:
+    """The tokens of the job with `job_uid`: HMAC-SHA256 under the operator's signing key. Only the
+    key's holder can compute them, and it computes them again whenever it needs one: the operator
+    never reads a Secret to check a token. A new uid (a job re-created under the same name) gets new
+    tokens, and the old ones open nothing."""
+    if len(key) < MIN_KEY_BYTES:
+        raise AuthError(f"the signing key has {len(key)} bytes; it needs at least {MIN_KEY_BYTES}")
+    return {
+        name: hmac.new(key, f"kubeforge/{name}/{job_uid}".encode(), hashlib.sha256).hexdigest() for name in CREDENTIALS
+    }
 
 
 def digest(token: str) -> str:
@@ -118,7 +134,7 @@ class Credentials:
             except OSError as e:
                 raise AuthError(
                     f"{role}: cannot read {path} ({e.strerror}); a role needs the job's tokens to start "
-                    "(the launcher writes them, the operator mounts the <job>-token Secret)"
+                    "(the launcher writes them, the operator mounts the job's <job>-token-<uid> Secret)"
                 ) from None
             if not text:
                 raise AuthError(f"{role}: {path} is empty; a role needs the job's tokens to start")

@@ -110,6 +110,11 @@ TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"
 # Controller only, on Kubernetes: where to POST progress (the operator writes it into status).
 PROGRESS_URL = "KUBEFORGE_PROGRESS_URL"
 PEER_URLS = {role: f"KUBEFORGE_{role.upper()}_URLS" for role in SERVICE_ROLES}
+# On Kubernetes: a JSON file {role: [url, ...]} of every replica the spec asks for now, which the operator
+# rewrites when the spec is edited (a ConfigMap volume: the kubelet swaps it in place). Roles that follow
+# scaling (the controller's generator pool, the trainer's publish targets) read it through
+# `RoleContext.current_peers`; without it the peers are those of the environment at start.
+PEERS_FILE = "KUBEFORGE_PEERS_FILE"
 # The exit code of a role that failed in a way a fresh process cures (serving.TransientFailure).
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
 
@@ -136,6 +141,7 @@ def role_env(
     token_dir: str,
     termination_log: str,
     progress_url: str = "",
+    peers_file: str = "",
 ) -> dict[str, str]:
     """The environment of one instance: identity, peers, and torchrun's PET_* for trainers.
 
@@ -161,6 +167,8 @@ def role_env(
     )
     if instance.role == "controller" and progress_url:
         env[PROGRESS_URL] = progress_url
+    if peers_file:
+        env[PEERS_FILE] = peers_file
     for role, var in PEER_URLS.items():
         urls = endpoints.urls(role)
         if urls:
@@ -199,6 +207,7 @@ class RoleContext:
     termination_log: str = ""
     progress_url: str = ""
     peers: dict[str, list[str]] = field(default_factory=dict)
+    peers_file: str = ""
 
     @property
     def name(self) -> str:
@@ -233,4 +242,18 @@ class RoleContext:
             termination_log=env.get(TERMINATION_LOG, ""),
             progress_url=env.get(PROGRESS_URL, ""),
             peers={role: env[var].split(",") for role, var in PEER_URLS.items() if env.get(var)},
+            peers_file=env.get(PEERS_FILE, ""),
         )
+
+    def current_peers(self, role: str) -> list[str]:
+        """The URLs of `role`'s replicas as the spec asks for them now: from the peers file, which follows
+        spec edits (generators scaled up or down), else from the environment at start. A file that cannot
+        be read (the kubelet has not written it yet) counts as absent."""
+        if self.peers_file:
+            try:
+                current = json.loads(Path(self.peers_file).read_text())
+            except (OSError, ValueError):
+                current = None
+            if isinstance(current, dict) and isinstance(current.get(role, []), list):
+                return [str(url) for url in current.get(role, [])]
+        return list(self.peers.get(role, []))

@@ -7,9 +7,11 @@ instead of `anyOf [X, null]`. Pydantic's JSON schema is close; `structural` brid
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import yaml
+from pydantic.fields import FieldInfo
 
 from kubeforge import spec as s
 
@@ -24,6 +26,69 @@ PRINTER_COLUMNS = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+# What a running job follows when its spec is edited: the operator reads these on every pass, and a
+# generator count reaches the running pods through the spec ConfigMap it rewrites (peers.json; the
+# controller's generator pool and the trainer read it). Every other field is immutable (`immutability_rules`).
+MUTABLE = ("suspend", "activeDeadlineSeconds", "startupDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy")
+MUTABLE_ROLE_FIELDS = {"generator": ("replicas",)}
+
+
+def immutable_paths() -> list[tuple[tuple[str, ...], FieldInfo | None]]:
+    """Every spec field a running job cannot follow, as a path of camelCase keys, with its model field
+    (None for a whole role)."""
+    paths: list[tuple[tuple[str, ...], FieldInfo | None]] = []
+    for field_name, field in s.RLJobSpec.model_fields.items():
+        key = field.alias or field_name
+        if key in MUTABLE:
+            continue
+        if key != "roles":
+            paths.append(((key,), field))
+            continue
+        for role_name, role in s.Roles.model_fields.items():
+            role_key = role.alias or role_name
+            free = MUTABLE_ROLE_FIELDS.get(role_key)
+            if free is None:
+                paths.append((("roles", role_key), None))
+                continue
+            for name, f in role.annotation.model_fields.items():  # type: ignore[union-attr]
+                if (f.alias or name) not in free:
+                    paths.append((("roles", role_key, f.alias or name), f))
+    return paths
+
+
+def add_immutability_rules(spec_schema: dict[str, Any]) -> None:
+    """CEL transition rules, each naming its field: an edit the running pods could not follow (a new
+    model, more trainer nodes, another image) is refused by the API server, not half applied.
+
+    The API server estimates each rule's cost and refuses a CRD whose rules could be too dear, and it
+    bounds a value only where it is read in place: `self == oldSelf` on the field itself (cheap with
+    `_bound`'s sizes; it runs when the field is in both the old and the new object), plus a rule on
+    spec that the field is neither added nor removed. A field with a scalar default compares with the
+    default standing in for an absent value, on spec, so that writing the default out is no change.
+    """
+    may_change = ", ".join([*MUTABLE, *(f"roles.{r}.{f}" for r, fs in MUTABLE_ROLE_FIELDS.items() for f in fs)])
+    on_spec = spec_schema.setdefault("x-kubernetes-validations", [])
+    for path, field in immutable_paths():
+        message = (
+            f"spec.{'.'.join(path)} cannot change while the job exists; delete and re-create the RLJob to "
+            f"change it (what may change: {may_change})"
+        )
+        selector = "".join(f".?{part}" for part in path)
+        default = None if field is None else field.default
+        if isinstance(default, (bool, int, float)):
+            # CEL compares no int with a double: a float field's default is written as one.
+            if not isinstance(default, bool) and field.annotation in (float, float | None):  # type: ignore[union-attr]
+                default = float(default)
+            fallback = f".orValue({json.dumps(default)})"
+            on_spec.append({"rule": f"self{selector}{fallback} == oldSelf{selector}{fallback}", "message": message})
+            continue
+        on_spec.append({"rule": f"self{selector}.hasValue() == oldSelf{selector}.hasValue()", "message": message})
+        node = spec_schema
+        for part in path:
+            node = node["properties"][part]
+        node.setdefault("x-kubernetes-validations", []).append({"rule": "self == oldSelf", "message": message})
+
 
 # Keys of JSON Schema that a structural schema does not need or does not allow.
 _DROPPED_KEYS = {"title", "default", "$defs"}
@@ -70,11 +135,29 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
             node["properties"] = {k: convert(v) for k, v in node["properties"].items()}
         if "items" in node:
             node["items"] = convert(node["items"])
+        _bound(node)
         kept = {k: v for k, v in node.items() if k not in _DROPPED_KEYS}
         # type and description first: the order `kubectl explain` readers expect.
         return dict(sorted(kept.items(), key=lambda kv: _KEY_ORDER.get(kv[0], len(_KEY_ORDER))))
 
     return convert(schema)
+
+
+# Sizes no spec comes near, given to every string, list and map the models leave unbounded. The API
+# server estimates a CEL rule's cost from them (immutability_rules compares whole fields); unbounded,
+# it assumes the largest request and refuses the CRD.
+MAX_STRING = 4096
+MAX_ITEMS = 256
+
+
+def _bound(node: dict[str, Any]) -> None:
+    kind = node.get("type")
+    if kind == "string":
+        node.setdefault("maxLength", max(map(len, node["enum"])) if "enum" in node else MAX_STRING)
+    elif kind == "array":
+        node.setdefault("maxItems", MAX_ITEMS)
+    elif kind == "object" and ("additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")):
+        node.setdefault("maxProperties", MAX_ITEMS)
 
 
 def _metadata_schema() -> dict[str, Any]:
@@ -89,6 +172,7 @@ def crd_manifest() -> dict[str, Any]:
     spec_schema = structural(s.RLJobSpec.model_json_schema(by_alias=True, mode="validation"))
     status_schema = structural(s.RLJobStatus.model_json_schema(by_alias=True, mode="validation"))
     spec_schema["description"] = "What to train and how to run it. See docs/architecture.md."
+    add_immutability_rules(spec_schema)
     status_schema["description"] = "Written by the operator: phase, conditions, per-role counts, progress."
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

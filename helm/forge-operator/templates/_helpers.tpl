@@ -55,10 +55,10 @@ ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator crea
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]  # get: a job's token is checked (progress) and must be the job's own (no adoption)
+  verbs: [create]  # never read: tokens are derived from the operator's key (kubeforge_operator.signing)
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create]  # get: an existing <job>-spec must be the job's own (no adoption)
+  verbs: [get, create, patch]  # get: an existing <job>-spec must be the job's own; patch: spec edits
 - apiGroups: [""]
   resources: [services]
   verbs: [create]
@@ -83,4 +83,9 @@ ClusterRole in cluster-wide mode. Keep in step with what kubeforge_operator crea
 {{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
 {{- end -}}
 {{- join "," $pairs -}}
+{{- end -}}
+
+{{/* The Secret holding the token signing key: the user's, or the one this chart makes. */}}
+{{- define "forge-operator.tokenKeySecret" -}}
+{{- .Values.tokenKey.existingSecret | default (printf "%s-token-key" (include "forge-operator.fullname" .)) -}}
 {{- end -}}

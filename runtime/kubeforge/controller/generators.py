@@ -7,6 +7,11 @@ current ones (kubeforge.generator.role.hold_for_current_weights); `publish` re-f
 weight-sync group whenever the set of live replicas changed or one of them holds an older
 policy version than the last publish sent (a replica that came back at the same address), so
 the returning replica gets them first.
+
+The set of replicas follows the spec: given a function of the job's current generator URLs
+(`Job.urls`, which reads the peers file the operator rewrites on a spec edit), the pool takes in a
+replica the spec added, which then gets the weights like a returning one, and drops one the spec
+removed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -32,10 +37,21 @@ class NoGenerators(RuntimeError):
 
 
 class GeneratorPool:
-    def __init__(self, urls: Sequence[str], trainer: TrainerClient, *, token: str = "", wait_seconds: float = 900.0):
-        if not urls:
+    def __init__(
+        self,
+        urls: Sequence[str] | Callable[[], Sequence[str]],
+        trainer: TrainerClient,
+        *,
+        token: str = "",
+        wait_seconds: float = 900.0,
+    ):
+        self._membership = urls if callable(urls) else (lambda fixed=list(urls): fixed)
+        self._token = token
+        self.clients: dict[str, GeneratorClient] = {}
+        self._retired: dict[str, GeneratorClient] = {}
+        self._follow_membership()
+        if not self.clients:
             raise ValueError("no generator replicas: the job needs spec.roles.generator.replicas >= 1")
-        self.clients = {u.rstrip("/"): GeneratorClient(u, token=token) for u in urls}
         self.trainer = trainer
         self.wait_seconds = wait_seconds
         self.synced: list[str] = []  # the replicas the last publish reached, in the group's order
@@ -70,10 +86,24 @@ class GeneratorPool:
         """Replicas whose weight routes answer (in URL order); with `wait`, at least one."""
         return list(await self._live_infos(wait=wait))
 
+    def _follow_membership(self) -> None:
+        """Take in the replicas the spec asks for now and drop the others. An empty set (a peers file
+        being rewritten) changes nothing: the spec never asks for none."""
+        wanted = [u.rstrip("/") for u in self._membership()]
+        if not wanted or wanted == list(self.clients):
+            return
+        if self.clients:
+            log.info("generator replicas now: %s (the spec changed)", ", ".join(wanted))
+        # A dropped replica's client may still carry a request in flight: it is closed with the pool.
+        self._retired.update({u: c for u, c in self.clients.items() if u not in wanted})
+        # In the spec's order, which is the weight-sync group's rank order.
+        self.clients = {u: self.clients.get(u) or GeneratorClient(u, token=self._token) for u in wanted}
+
     async def _live_infos(self, *, wait: bool) -> dict[str, dict[str, Any]]:
         """`live`'s replicas, each with its /weights/info answer."""
         deadline = time.monotonic() + self.wait_seconds
         while True:
+            self._follow_membership()
             answers = await asyncio.gather(*(self._info(c) for c in self.clients.values()))
             live = {url: info for url, info in zip(self.clients, answers, strict=True) if info is not None}
             if live or not wait:
@@ -109,7 +139,8 @@ class GeneratorPool:
             deadline = time.monotonic() + self.wait_seconds
             while True:
                 try:
-                    generation = await self.clients[url].generate(
+                    client = self.clients.get(url) or self._retired[url]  # dropped since: finish here or fail over
+                    generation = await client.generate(
                         chunk, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed + start
                     )
                     return start, generation
@@ -139,4 +170,4 @@ class GeneratorPool:
         return list(live)
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.clients.values()))
+        await asyncio.gather(*(c.close() for c in [*self.clients.values(), *self._retired.values()]))

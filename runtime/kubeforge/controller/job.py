@@ -108,8 +108,9 @@ class Job:
         return kept
 
     def urls(self, role: str) -> list[str]:
-        """Base URLs of every replica of `role` (empty if the job has none)."""
-        return list(self.ctx.peers.get(role, []))
+        """Base URLs of every replica of `role` the spec asks for now (empty if the job has none). On
+        Kubernetes they follow spec edits (generators scaled up or down): call again for the current set."""
+        return self.ctx.current_peers(role)
 
     def trainer_client(self) -> TrainerClient:
         """The trainer's API (global rank 0), called with the controller's own token: only the

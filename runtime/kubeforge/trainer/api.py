@@ -213,7 +213,8 @@ def add_routes(server: serving.RoleServer, trainer: Trainer) -> asyncio.Future[N
     @app.post("/weights/publish")
     async def publish(request: Request) -> dict[str, Any]:
         body = await json_body(request)
-        generators = publish_targets(body.get("generators"), ctx.peers.get("generator", []))
+        # The generators the spec asks for now: a replica a spec edit added may receive the weights too.
+        generators = publish_targets(body.get("generators"), ctx.current_peers("generator"))
         args = {"generators": generators, "reconnect": bool(body.get("reconnect"))}
         result = await run(Command("publish", args))
         SYNC_SECONDS.labels(**labels).observe(result["seconds"])
