@@ -114,6 +114,7 @@ def test_default_render(tmp_path: Path) -> None:
     mount = next(m for m in c["volumeMounts"] if m["name"] == "token-key")
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "token-key")
     assert mount == {"name": "token-key", "mountPath": "/var/run/kubeforge/token-key", "readOnly": True}
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsGroup"]  # reads it
     assert volume["secret"] == {
         "secretName": "forge-operator-token-key",
         "items": [{"key": "key", "path": "key"}],

@@ -129,7 +129,13 @@ def forge(
         return bool(deployments) and all((d.status.ready_replicas or 0) >= 1 for d in deployments)
 
     try:
-        wait_for("the operator's Deployment Ready on the real node", ready, timeout=180)
+        try:
+            wait_for("the operator's Deployment Ready on the real node", ready, timeout=180)
+        except AssertionError as e:
+            pods = client.CoreV1Api().list_namespaced_pod(namespace).items
+            logs = "\n".join(f"--- {p.metadata.name}: {p.status.phase}\n{pod_logs(namespace, p.metadata.name)}"
+                             for p in pods)  # fmt: skip
+            raise AssertionError(f"{e}\n{logs}") from None
         yield namespace
     finally:
         helm("uninstall", "forge-operator", "--namespace", namespace, kubeconfig=cluster, home=home)
