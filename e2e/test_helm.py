@@ -118,7 +118,7 @@ def test_default_render(tmp_path: Path) -> None:
     assert volume["secret"] == {
         "secretName": "forge-operator-token-key",
         "items": [{"key": "key", "path": "key"}],
-        "defaultMode": 0o400,
+        "defaultMode": 0o440,
     }
     # A key of the user's own: the chart makes none and mounts theirs.
     own = render("tokenKey.existingSecret=my-key", "tokenKey.secretKey=k", home=tmp_path)

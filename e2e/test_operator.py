@@ -462,7 +462,8 @@ def test_a_gang_scheduler_that_is_not_installed_is_named_and_no_pod_starts(names
 
 
 def test_deadline_fails_the_job_and_ttl_deletes_it(namespace: str, operator: Operator) -> None:
-    create(namespace, job_body(activeDeadlineSeconds=2, ttlSecondsAfterFinished=1))
+    # The TTL leaves the test time to see the phase before the job goes, on a loaded machine too.
+    create(namespace, job_body(activeDeadlineSeconds=2, ttlSecondsAfterFinished=8))
     st = wait_for(
         "phase Failed",
         lambda: (s := status(namespace, "grpo")).get("phase") == "Failed" and s,
